@@ -1,0 +1,30 @@
+# `make demo` runs the main job end to end on this machine; `make test` runs the tests.
+# Both create the virtual environment (.venv) on first use.
+VENV ?= .venv
+BIN := $(VENV)/bin
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup demo test test-all lint bench teachers clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(BIN)/fewstep demo
+
+test: setup
+	$(BIN)/python -m pytest -m "not study" tests
+
+test-all: setup
+	$(BIN)/python -m pytest tests
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python benchmarks/data_engine.py
+	$(BIN)/python benchmarks/trainer.py
+	$(BIN)/python benchmarks/sampling.py
+
+clean:
+	rm -rf runs .pytest_cache

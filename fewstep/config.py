@@ -1,0 +1,80 @@
+"""Typed run configs: pydantic models loaded from YAML, with errors that name the field."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConfigError(ValueError):
+    """A config file that does not validate; the message lists each field path and its fix."""
+
+
+_FIXES = {
+    "extra_forbidden": "unknown key: remove it or check its spelling",
+    "missing": "required: add this key",
+}
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: {error.error_count()} invalid field(s)"]
+    for item in error.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "<root>"
+        message = _FIXES.get(item["type"], item["msg"])
+        got = item.get("input")
+        got_text = ""
+        if item["type"] != "missing" and not isinstance(got, dict):
+            got_text = f" (got {got!r})"
+        lines.append(f"  - {path}: {message}{got_text}")
+    return "\n".join(lines)
+
+
+def parse_config(model: type[T], data: dict[str, Any], source: str = "<config>") -> T:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(model: type[T], path: str | Path, overrides: dict[str, Any] | None = None) -> T:
+    """Load ``path`` (YAML) into ``model``; ``overrides`` are dotted keys set on top."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        set_dotted(data, dotted, value)
+    return parse_config(model, data, str(path))
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+def config_hash(config: BaseModel | dict) -> str:
+    """Stable hash of a config's content (key order does not matter)."""
+    payload = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Model adapter over diffusers/transformers Qwen-Image style pipeline directories."""

@@ -1,0 +1,223 @@
+"""URI-addressed storage: local paths, ``file://`` and ``s3://`` behind one interface.
+
+Nothing else in fewstep knows which backend a URI uses. Stages ask this module for a
+filesystem (fsspec for plain reads and writes, pyarrow for Ray Data and Ray Train) and
+for atomic publishes: write to a temporary name, then move into place, so a reader never
+sees a half-written file. Manifests are always published last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import fsspec
+import pyarrow.fs as pafs
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """S3 connection details; unused for local URIs. Serialisable to Ray workers."""
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+
+    def s3fs_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"client_kwargs": {"region_name": self.region}}
+        if self.endpoint_url:
+            kwargs["endpoint_url"] = self.endpoint_url
+        if self.access_key_id:
+            kwargs["key"] = self.access_key_id
+            kwargs["secret"] = self.secret_access_key
+        # Small-object writes must be visible at once to other readers.
+        kwargs["use_listings_cache"] = False
+        return kwargs
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def normalize(uri: str | os.PathLike) -> str:
+    """A canonical URI: ``s3://bucket/key`` or an absolute local path."""
+    text = str(uri)
+    if is_s3(text):
+        return text.rstrip("/")
+    if text.startswith("file://"):
+        text = urlparse(text).path
+    return str(Path(text).expanduser().resolve())
+
+
+def join(uri: str, *parts: str) -> str:
+    uri = normalize(uri)
+    if is_s3(uri):
+        return posixpath.join(uri, *parts)
+    return str(Path(uri).joinpath(*parts))
+
+
+def _strip(uri: str) -> str:
+    """Path as the backend filesystems want it (no scheme)."""
+    uri = normalize(uri)
+    return uri[len("s3://") :] if is_s3(uri) else uri
+
+
+def fsspec_filesystem(uri: str, options: StorageOptions | None = None) -> fsspec.AbstractFileSystem:
+    options = options or StorageOptions()
+    if is_s3(uri):
+        import s3fs
+
+        return s3fs.S3FileSystem(**options.s3fs_kwargs())
+    return fsspec.filesystem("file")
+
+
+def resolve(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(fsspec filesystem, backend path)`` for a URI."""
+    return fsspec_filesystem(uri, options), _strip(uri)
+
+
+def pyarrow_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
+    """Return ``(pyarrow filesystem, backend path)``, e.g. for Ray Data and Ray Train."""
+    options = options or StorageOptions()
+    if is_s3(uri):
+        kwargs: dict[str, Any] = {"region": options.region}
+        if options.endpoint_url:
+            parsed = urlparse(options.endpoint_url)
+            kwargs["endpoint_override"] = parsed.netloc or options.endpoint_url
+            kwargs["scheme"] = parsed.scheme or "https"
+        if options.access_key_id:
+            kwargs["access_key"] = options.access_key_id
+            kwargs["secret_key"] = options.secret_access_key
+        return pafs.S3FileSystem(**kwargs), _strip(uri)
+    return pafs.LocalFileSystem(), _strip(uri)
+
+
+def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    fs, path = resolve(uri, options)
+    return bool(fs.exists(path))
+
+
+def makedirs(uri: str, options: StorageOptions | None = None) -> None:
+    if is_s3(uri):
+        return  # S3 has no directories; keys create their prefixes.
+    Path(normalize(uri)).mkdir(parents=True, exist_ok=True)
+
+
+def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
+    fs, path = resolve(uri, options)
+    with fs.open(path, "rb") as handle:
+        return handle.read()
+
+
+def read_json(uri: str, options: StorageOptions | None = None) -> Any:
+    return json.loads(read_bytes(uri, options).decode("utf-8"))
+
+
+def write_bytes_atomic(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+    """Publish ``data`` at ``uri`` so that readers see either nothing or all of it."""
+    fs, path = resolve(uri, options)
+    parent = posixpath.dirname(path)
+    tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    if not is_s3(uri):
+        Path(parent).mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        return
+    # S3 PUTs are atomic per object; the temporary key plus copy keeps one code path
+    # for multi-part uploads, which are only visible once completed.
+    with fs.open(tmp, "wb") as handle:
+        handle.write(data)
+    try:
+        fs.copy(tmp, path)
+    finally:
+        fs.rm(tmp)
+
+
+def write_json_atomic(uri: str, payload: Any, options: StorageOptions | None = None) -> None:
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+    write_bytes_atomic(uri, text.encode("utf-8"), options)
+
+
+def upload_file_atomic(local_path: str | os.PathLike, uri: str, options: StorageOptions | None = None) -> None:
+    """Copy a local file to ``uri`` atomically."""
+    if not is_s3(uri):
+        fs, path = resolve(uri, options)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, path)
+        return
+    fs, path = resolve(uri, options)
+    tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    fs.put_file(str(local_path), tmp)
+    try:
+        fs.copy(tmp, path)
+    finally:
+        fs.rm(tmp)
+
+
+def download_dir(uri: str, local_dir: str | os.PathLike, options: StorageOptions | None = None) -> Path:
+    """Copy a directory tree from ``uri`` to a local directory (used for models on S3)."""
+    local_dir = Path(local_dir)
+    if not is_s3(uri):
+        return Path(normalize(uri))
+    fs, path = resolve(uri, options)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    fs.get(path.rstrip("/") + "/", str(local_dir), recursive=True)
+    return local_dir
+
+
+def list_files(uri: str, suffix: str = "", options: StorageOptions | None = None) -> list[str]:
+    """Files under ``uri`` (recursive), as full URIs, sorted; temporary files are skipped."""
+    fs, path = resolve(uri, options)
+    if not fs.exists(path):
+        return []
+    found = []
+    for item in fs.find(path):
+        name = posixpath.basename(item)
+        if name.startswith(".tmp-") or ".tmp-" in name or not item.endswith(suffix):
+            continue
+        found.append(f"s3://{item}" if is_s3(uri) else item)
+    return sorted(found)
+
+
+def delete(uri: str, options: StorageOptions | None = None, recursive: bool = False) -> None:
+    fs, path = resolve(uri, options)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def sha256_of(uri: str, options: StorageOptions | None = None) -> str:
+    fs, path = resolve(uri, options)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def size_of(uri: str, options: StorageOptions | None = None) -> int:
+    fs, path = resolve(uri, options)
+    return int(fs.size(path))
+
+
+def iter_lines(uri: str, options: StorageOptions | None = None) -> Iterator[bytes]:
+    fs, path = resolve(uri, options)
+    with fs.open(path, "rb") as handle:
+        yield from handle

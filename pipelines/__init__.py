@@ -1,0 +1,1 @@
+"""Ray Data stages: curate (filter, tag, caption, rebalance) and precompute (teacher embeddings, latents)."""
