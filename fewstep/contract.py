@@ -109,6 +109,35 @@ REJECT_SCHEMA = pa.schema(
     metadata={"fewstep.schema": "reject", "fewstep.version": SCHEMA_VERSION},
 )
 
+# Reject reasons: every dropped row carries one of these (stage, reason, detail).
+REJECT_REASONS: dict[str, str] = {
+    "malformed_row": "a line, row or file that cannot be parsed",
+    "schema": "breaks the raw record contract (wrong type or invalid field)",
+    "missing_field": "a required field is absent or empty",
+    "duplicate_id": "an id seen before (the first occurrence is kept)",
+    "image_empty": "zero-byte image",
+    "image_undecodable": "image bytes that no decoder accepts",
+    "image_truncated": "image data ends early",
+    "image_too_small": "shorter side below the configured minimum",
+    "aspect_ratio": "aspect ratio beyond the configured limit",
+    "too_many_pixels": "pixel count beyond the limit (checked from the header, before decoding)",
+    "duplicate_image": "same image content as a kept record",
+    "near_duplicate_image": "perceptual hash within the configured distance of a kept record",
+    "duplicate_prompt": "same prompt as a kept record",
+    "near_duplicate_prompt": "prompt nearly identical to a kept record",
+    "prompt_empty": "empty prompt or instruction",
+    "prompt_too_short": "prompt shorter than the configured minimum",
+    "prompt_too_long": "prompt longer than the configured maximum",
+    "prompt_invalid_text": "not valid UTF-8, or control characters",
+    "banned_word": "contains a configured banned word",
+    "nsfw": "NSFW classifier score above the threshold",
+    "edit_identical_pair": "edit source and target are the same image",
+    "no_usable_prompt": "no prompt left after captioning",
+    "unknown_category": "category not declared in the composition",
+    "over_budget": "not selected by the rebalancer (category above its target)",
+}
+
+
 SCHEMAS: dict[str, pa.Schema] = {
     "raw_t2i": RAW_T2I_SCHEMA,
     "raw_edit": RAW_EDIT_SCHEMA,

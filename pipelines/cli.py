@@ -1,4 +1,4 @@
-"""``fewstep curate`` and ``fewstep precompute``."""
+"""``fewstep curate`` and ``fewstep precompute``: wiring only."""
 
 from __future__ import annotations
 
@@ -6,4 +6,8 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Add this package's commands to the main app."""
+    from pipelines.curate.cli import register as register_curate
+    from pipelines.precompute.cli import register as register_precompute
+
+    register_curate(app)
+    register_precompute(app)

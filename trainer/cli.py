@@ -1,4 +1,4 @@
-"""``fewstep train-teacher``, ``fewstep distill``, ``fewstep eval``, ``fewstep demo``."""
+"""``fewstep train-teacher``, ``distill``, ``eval``, ``demo``: wiring only."""
 
 from __future__ import annotations
 
@@ -6,4 +6,8 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Add this package's commands to the main app."""
+    from trainer.cli_distill import register as register_distill
+    from trainer.cli_teacher import register as register_teacher
+
+    register_teacher(app)
+    register_distill(app)

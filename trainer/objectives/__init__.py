@@ -1,0 +1,1 @@
+"""Training objectives as plug-ins (flow matching, DMD, ...)."""
