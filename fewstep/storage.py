@@ -114,8 +114,8 @@ def makedirs(uri: str, options: StorageOptions | None = None) -> None:
 
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
     fs, path = resolve(uri, options)
-    with fs.open(path, "rb") as handle:
-        return handle.read()
+    # One GET for the whole object: a ranged, block-wise read could straddle a re-publish.
+    return fs.cat_file(path)
 
 
 def read_json(uri: str, options: StorageOptions | None = None) -> Any:

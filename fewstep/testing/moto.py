@@ -45,9 +45,12 @@ def moto_server() -> Iterator[StorageOptions]:
 
 
 def create_bucket(options: StorageOptions, bucket: str) -> str:
-    import s3fs
+    import boto3
 
-    fs = s3fs.S3FileSystem(**options.s3fs_kwargs())
-    if not fs.exists(bucket):
-        fs.mkdir(bucket)
+    client = boto3.client("s3", endpoint_url=options.endpoint_url, region_name=options.region,
+                          aws_access_key_id=options.access_key_id,
+                          aws_secret_access_key=options.secret_access_key)
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    if bucket not in existing:
+        client.create_bucket(Bucket=bucket)
     return f"s3://{bucket}"

@@ -1,0 +1,55 @@
+"""Configs: YAML into typed models; errors name the field path and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from fewstep.config import ConfigError, StrictModel, config_hash, load_config
+
+
+class Inner(StrictModel):
+    steps: int = 4
+    rate: float
+
+
+class Outer(StrictModel):
+    name: str
+    inner: Inner
+
+
+def test_load_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: run\ninner:\n  rate: 0.5\n")
+    cfg = load_config(Outer, path, overrides={"inner.steps": 8})
+    assert cfg.inner.steps == 8 and cfg.inner.rate == 0.5
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("name: run\ninner:\n  rate: 0.5\n  stpes: 3\n", "inner.stpes: unknown key"),
+        ("name: run\ninner: {}\n", "inner.rate: required"),
+        ("name: run\ninner:\n  rate: fast\n", "inner.rate:"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("name: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_errors_name_the_field(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(Outer, path)
+    assert needle in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, tmp_path / "none.yaml")
+
+
+def test_config_hash_is_order_independent():
+    a = Outer(name="x", inner=Inner(rate=1.0, steps=2))
+    b = Outer.model_validate({"inner": {"steps": 2, "rate": 1.0}, "name": "x"})
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash(Outer(name="y", inner=Inner(rate=1.0, steps=2)))
