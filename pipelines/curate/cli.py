@@ -4,6 +4,69 @@ from __future__ import annotations
 
 import typer
 
+HELP = """Filter, caption, tag and rebalance raw T2I and edit corpora into a curated dataset (Ray Data).
+
+Inputs are Parquet, JSONL/JSON or WebDataset tars (files or directories, local or s3://); each
+record is T2I or edit by its columns. Every dropped record is written to <output>/rejects/ with
+its stage and reason. Outputs: <output>/curated/part-*.parquet, rejects/, composition.json
+(target vs achieved counts), stats/ (Ray Data per-operator stats), manifest.json (last).
+
+Presets in configs/curate/: default, landscape, portrait, text, landscape+portrait, mixed,
+ratio-9-1, ratio-7-3, ratio-5-5. Example:
+
+  fewstep corpus build --out runs/corpus --preset small
+
+  fewstep curate --config configs/curate/ratio-7-3.yaml --input runs/corpus --output runs/curated
+
+  fewstep curate --config configs/curate/mixed.yaml --input runs/corpus/t2i --output s3://bucket/cur \\
+      --set composition.tasks.t2i.categories.portrait.count=50
+"""
+
+
+def _parse_sets(values: list[str]) -> dict:
+    import yaml
+
+    overrides = {}
+    for item in values:
+        if "=" not in item:
+            raise typer.BadParameter(f"--set {item!r}: expected KEY=VALUE (e.g. composition.total=300)")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
 
 def register(app: typer.Typer) -> None:
     """Add the `curate` command to the main app."""
+
+    @app.command("curate", help=HELP, no_args_is_help=True)
+    def curate(
+        config: str = typer.Option(..., "--config", "-c", help="Curate config YAML (configs/curate/<name>.yaml)."),
+        inputs: list[str] = typer.Option(
+            None, "--input", "-i", help="Corpus file or directory URI; repeat for several. Default: config inputs."),
+        output: str = typer.Option(None, "--output", "-o", help="Output URI (path or s3://). Default: config output."),
+        sets: list[str] = typer.Option(None, "--set", help="Override a config key: --set composition.total=300."),
+    ) -> None:
+        from rich.console import Console
+
+        from fewstep.config import ConfigError
+        from fewstep.settings import get_settings
+        from pipelines.curate.read import InputError
+        from pipelines.curate.rebalance import CompositionError
+        from pipelines.curate.report import summary_tables
+        from pipelines.curate.run import run_curate
+
+        settings = get_settings()
+        console = Console(stderr=True)
+        try:
+            report = run_curate(config, list(inputs or []), output, settings.storage_options(),
+                                settings.ray_address, overrides=_parse_sets(list(sets or [])))
+        except (ConfigError, InputError, CompositionError) as exc:
+            console.print(f"[red]curate: {exc}[/red]")
+            raise typer.Exit(2) from None
+        out = Console()
+        for table in summary_tables(report):
+            out.print(table)
+        if report["shortfalls"]:
+            short = ", ".join(f"{s['task']}/{s['category']} ({s['achieved']}/{s['target']})"
+                              for s in report["shortfalls"])
+            console.print(f"[yellow]short of target: {short}[/yellow]")

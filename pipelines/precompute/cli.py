@@ -4,6 +4,70 @@ from __future__ import annotations
 
 import typer
 
+_HELP = """Encode a curated set with the teacher: prompt embeddings + VAE latents -> Parquet shards.
+
+Reads INPUT (a finished `fewstep curate` output: manifest.json + curated/part-*.parquet) and
+writes OUTPUT/shards/part-*.parquet (the shard schema), OUTPUT/empty_prompt.parquet (the
+unconditional embedding for T2I CFG), OUTPUT/rejects/ (rows that could not be encoded, with a
+reason), OUTPUT/stats/ (Ray Data per-operator stats) and OUTPUT/manifest.json, last.
+
+The text encoder and the VAE run as Ray Data actor pools (configs/precompute/*.yaml:
+text_encoder.pool_size / batch_size / num_cpus / num_gpus, same for vae). Rerunning the same
+command after a crash or kill resumes: finished shards are kept, the rest are made again, and the
+result is byte-identical to an uninterrupted run.
+
+Example:
+
+  fewstep precompute --config configs/precompute/default.yaml --teacher runs/teacher \\
+      --input runs/curated --output runs/shards --set rows_per_shard=128
+"""
+
+
+def _parse_sets(values: list[str]) -> dict:
+    import yaml
+
+    overrides = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set {item!r}: expected KEY=VALUE, e.g. --set text_encoder.pool_size=2")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
 
 def register(app: typer.Typer) -> None:
     """Add the `precompute` command to the main app."""
+
+    @app.command("precompute", help=_HELP)
+    def precompute_cmd(
+        teacher: str = typer.Option(..., "--teacher", help="Teacher pipeline directory (local or s3://)."),
+        input: str = typer.Option(..., "--input", help="Curate output folder (local or s3://)."),
+        output: str = typer.Option(..., "--output", help="Output folder for the shards (local or s3://)."),
+        config: str = typer.Option("configs/precompute/default.yaml", "--config", help="Precompute YAML config."),
+        sets: list[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE (dotted keys, "
+                                       "YAML values), repeatable."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Delete precompute output of a different "
+                                       "plan (config/teacher/input) found in --output, instead of failing."),
+        ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster to join (default: "
+                                        "FEWSTEP_RAY_ADDRESS, else an embedded local cluster)."),
+        quiet: bool = typer.Option(False, "--quiet", help="No progress bars or summary table."),
+    ) -> None:
+        from fewstep.config import ConfigError
+        from fewstep.contract import ContractError
+        from fewstep.settings import get_settings
+        from pipelines.precompute.config import load_precompute_config
+        from pipelines.precompute.plan import PrecomputeError
+        from pipelines.precompute.run import run_precompute
+
+        settings = get_settings()
+        try:
+            cfg = load_precompute_config(config, _parse_sets(sets))
+            manifest = run_precompute(cfg, teacher, input, output, storage=settings.storage_options(),
+                                      ray_address=ray_address or settings.ray_address,
+                                      ray_num_cpus=settings.ray_num_cpus, overwrite=overwrite,
+                                      show_progress=not quiet)
+        except (ConfigError, ContractError, PrecomputeError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"wrote {len(manifest['shards'])} shards, {manifest['totals']['rows']} rows "
+                   f"to {output} (plan {manifest['plan_id']})")

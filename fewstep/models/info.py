@@ -1,0 +1,64 @@
+"""Describe a pipeline directory without loading its weights (configs + safetensors headers)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from fewstep import storage
+from fewstep.models.pipeline_dir import ALL_COMPONENTS, PipelineDir
+from fewstep.storage import StorageOptions
+
+
+def _safetensors_params(uri: str, options: StorageOptions | None) -> int:
+    """Parameter count from a safetensors header (8-byte length + JSON), reading only the header."""
+    fs, path = storage.resolve(uri, options)
+    with fs.open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    total = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        count = 1
+        for dim in entry["shape"]:
+            count *= dim
+        total += count
+    return total
+
+
+def describe(uri: str, options: StorageOptions | None = None) -> dict[str, Any]:
+    source = PipelineDir(uri, options)
+    rows = []
+    for name in ALL_COMPONENTS:
+        if not source.has(name):
+            continue
+        folder = storage.join(source.uri, name)
+        files = storage.list_files(folder, options=options)
+        weights = [f for f in files if f.endswith(".safetensors")]
+        rows.append({
+            "name": name,
+            "class": ".".join(source.model_index[name]),
+            "parameters": sum(_safetensors_params(f, options) for f in weights) if weights else None,
+            "bytes": sum(storage.size_of(f, options) for f in files),
+        })
+    vae = source.read_json("vae/config.json")
+    meta = source.meta()
+    scale = 2 ** len(vae["temperal_downsample"])
+    resolution = meta.get("resolution")
+    info: dict[str, Any] = {
+        "uri": source.uri,
+        "components": rows,
+        "vae_scale_factor": scale,
+        "latent_channels": vae["z_dim"],
+        "resolution": resolution,
+        "condition_image_size": meta.get("condition_image_size"),
+        "scheduler": {k: v for k, v in source.read_json("scheduler/scheduler_config.json").items()
+                      if k in ("shift", "use_dynamic_shifting", "num_train_timesteps")},
+    }
+    if resolution:
+        side = 2 * (resolution // (scale * 2))
+        info["latent_shape"] = [vae["z_dim"], side, side]
+        info["image_tokens"] = (side // 2) ** 2
+    return info

@@ -1,0 +1,285 @@
+"""Run the precompute stage: curated rows -> teacher text embeddings + VAE latents -> shards.
+
+Ray Data plan, one block per shard from start to end:
+
+    plan items -> load rows (task) -> text encoder (actor pool) -> VAE (actor pool) -> write (task)
+
+Keeping a shard in one block means each model sees the same batches on every run (same bits),
+and the writer can publish the shard as soon as it is complete. Finished shards are skipped on a
+rerun; the manifest is written last, once every shard exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+
+from fewstep import contract
+from fewstep import storage as stg
+from fewstep.raysession import ray_session
+from fewstep.storage import StorageOptions
+from pipelines.precompute import encode, report, write
+from pipelines.precompute.config import PrecomputeConfig, as_config
+from pipelines.precompute.plan import (
+    EMPTY_PROMPT_NAME,
+    EMPTY_SHARD,
+    PROGRESS_DIR,
+    SHARDS_DIR,
+    PrecomputeError,
+    ShardPlan,
+    finished_shards,
+    plan_id,
+    plan_shards,
+    progress_uri,
+    read_curated_input,
+    remove_leftovers,
+    teacher_identity,
+)
+
+log = logging.getLogger(__name__)
+
+
+def run_precompute(config: PrecomputeConfig | dict | str | None, teacher: str, input: str, output: str,
+                   storage: StorageOptions | None = None, ray_address: str | None = None, *,
+                   ray_num_cpus: int | None = None, overwrite: bool = False,
+                   show_progress: bool = True) -> dict:
+    """Precompute shards of ``input`` (a curate output) with ``teacher`` into ``output``.
+
+    Returns the manifest. Rerunning with the same config, teacher and input skips finished
+    shards (a finished run returns at once); a different plan in ``output`` is an error unless
+    ``overwrite``. ``storage`` applies to every s3:// URI given (teacher, input, output).
+    """
+    options = storage
+    cfg = as_config(config)
+    started = time.perf_counter()
+    teacher, input, output = (_norm(teacher), _norm(input), _norm(output))
+    if output == input:
+        raise PrecomputeError(f"--output {output} is the curate folder itself; pick another folder")
+    info = read_curated_input(input, options)
+    teacher_id = teacher_identity(teacher, options, cfg.teacher_checksum_max_bytes)
+    pid = plan_id(cfg.identity_hash(), teacher_id, info)
+    manifest_uri = stg.join(output, contract.MANIFEST_NAME)
+
+    state = _prepare_output(output, options, pid, overwrite)
+    if state.get("manifest") is not None:
+        log.info("precompute: %s is already complete (plan %s); nothing to do", output, pid)
+        return state["manifest"]
+    removed = remove_leftovers(output, options)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run", removed)
+    plan_record = state.get("plan") or _write_plan(output, options, pid, cfg, teacher, teacher_id, info)
+
+    shards = plan_shards(info, cfg.rows_per_shard)
+    items = [ShardPlan(EMPTY_SHARD, [], 1), *shards]
+    done = finished_shards(output, options, pid)
+    todo = [item for item in items if item.name not in done]
+    log.info("precompute plan %s: %d rows -> %d shards of %d; %d already done, %d to make",
+             pid, info.rows, len(shards), cfg.rows_per_shard, len(done), len(todo))
+    summaries = dict(done)
+    ray_stats = None
+    encode_started = time.perf_counter()
+    if todo:
+        with ray_session(ray_address, ray_num_cpus):
+            new, ray_stats = _execute(cfg, todo, teacher, input, output, options, pid, info.has_images,
+                                      show_progress)
+        summaries.update(new)
+    encode_seconds = time.perf_counter() - encode_started
+    missing = [item.name for item in items if item.name not in summaries]
+    if missing:
+        raise PrecomputeError(f"shards not produced: {missing[:5]}...; rerun to resume")
+
+    manifest = _manifest(cfg, pid, teacher_id, input, info, plan_record, summaries)
+    stg.write_json_atomic(manifest_uri, manifest, options)
+    rows_encoded = sum(summaries[item.name]["rows"] + summaries[item.name]["rejects"] for item in todo
+                       if item.index != EMPTY_SHARD)
+    run = {"output": output, "plan_id": pid, "shards_written": len(todo), "shards_skipped": len(done),
+           "rows_encoded": rows_encoded, "seconds": time.perf_counter() - started,
+           "encode_seconds": encode_seconds,
+           "rows_per_s": rows_encoded / encode_seconds if encode_seconds > 0 else 0.0}
+    report.write_stats(output, options, ray_stats, run)
+    if show_progress:
+        report.print_summary(manifest, run)
+    return manifest
+
+
+def _norm(uri: str) -> str:
+    return stg.normalize(str(uri))
+
+
+def _prepare_output(output: str, options: StorageOptions | None, pid: str, overwrite: bool) -> dict:
+    """What the output already holds: a finished run of this plan, a partial one, or nothing."""
+    manifest_uri = stg.join(output, contract.MANIFEST_NAME)
+    plan_uri = progress_uri(output, "plan")
+    existing = stg.read_json(manifest_uri, options) if stg.exists(manifest_uri, options) else None
+    plan = stg.read_json(plan_uri, options) if stg.exists(plan_uri, options) else None
+    if existing is not None and existing.get("kind") != "shards":
+        raise PrecomputeError(f"{output} holds a {existing.get('kind')!r} dataset; precompute never "
+                              "overwrites another stage's output: pick another --output")
+    other = next((r.get("plan_id") for r in (existing, plan) if r and r.get("plan_id") != pid), None)
+    if other is not None:
+        if not overwrite:
+            raise PrecomputeError(
+                f"{output} holds precompute output of another plan ({other}, this one is {pid}: the "
+                "config, teacher or input differ); pick another --output or pass --overwrite")
+        log.warning("overwrite: deleting precompute output of plan %s in %s", other, output)
+        _clear(output, options)
+        return {}
+    return {"manifest": existing, "plan": plan}
+
+
+def _clear(output: str, options: StorageOptions | None) -> None:
+    for name in (contract.MANIFEST_NAME, EMPTY_PROMPT_NAME):
+        stg.delete(stg.join(output, name), options)
+    for name in (SHARDS_DIR, PROGRESS_DIR):
+        stg.delete(stg.join(output, name), options, recursive=True)
+    for uri in stg.list_files(stg.join(output, "rejects"), ".parquet", options):
+        if uri.rsplit("/", 1)[-1].startswith("precompute-"):
+            stg.delete(uri, options)
+
+
+def _write_plan(output: str, options: StorageOptions | None, pid: str, cfg: PrecomputeConfig, teacher: str,
+                teacher_id: dict, info) -> dict:
+    """Record the plan (and the VAE geometry, read once on the driver) before any shard."""
+    import torch
+
+    from fewstep.models.adapter import QwenImageAdapter
+
+    vae = QwenImageAdapter.load(teacher, components=("vae",), device="cpu", dtype=torch.float32,
+                                storage=options)
+    multiple = int(vae.vae_scale_factor) * 2
+    if cfg.resolution is not None and cfg.resolution % multiple:
+        raise PrecomputeError(f"resolution: {cfg.resolution} is not a multiple of {multiple} (this "
+                              f"teacher's VAE factor {vae.vae_scale_factor} x 2x2 latent packing)")
+    record = {"plan_id": pid, "config_identity": cfg.identity(), "teacher": teacher_id,
+              "input": {"uri": info.uri, "content_sha256": info.content_hash, "rows": info.rows},
+              "latent_channels": int(vae.latent_channels), "vae_scale_factor": int(vae.vae_scale_factor)}
+    del vae
+    stg.write_json_atomic(progress_uri(output, "plan"), record, options)
+    return record
+
+
+def _check_resources(cfg: PrecomputeConfig) -> None:
+    """Refuse pool sizes that would leave no CPU for the read and write tasks (a deadlock)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    need = cfg.total_actor_cpus() + cfg.io.num_cpus
+    if need > cpus:
+        raise PrecomputeError(
+            f"the actor pools need {cfg.total_actor_cpus():g} CPUs plus {cfg.io.num_cpus:g} for a "
+            f"read/write task, but the cluster has {cpus:g}: lower text_encoder/vae pool_size or "
+            "num_cpus (fractions such as 0.5 are fine)")
+    for name, pool in (("text_encoder", cfg.text_encoder), ("vae", cfg.vae)):
+        if pool.num_gpus * pool.pool_size > gpus:
+            raise PrecomputeError(f"{name}: pool_size x num_gpus = {pool.num_gpus * pool.pool_size:g} "
+                                  f"GPUs, the cluster has {gpus:g}; set {name}.num_gpus: 0 on CPU")
+
+
+def _execute(cfg: PrecomputeConfig, todo: list[ShardPlan], teacher: str, input: str, output: str,
+             options: StorageOptions | None, pid: str, has_images: bool,
+             show_progress: bool) -> tuple[dict[str, dict], str]:
+    import ray
+    import ray.data
+    from tqdm import tqdm
+
+    _check_resources(cfg)
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.target_max_block_size, ctx.enable_progress_bars)
+    # A dataset seals a copy of the context when created: these settings are this run's only.
+    ctx.target_max_block_size = None  # never split a shard's block between stages
+    ctx.enable_progress_bars = show_progress
+    try:
+        ds = ray.data.from_items([{"plan": item.to_json()} for item in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(encode.load_shard, batch_size=None, batch_format="pyarrow",
+                            num_cpus=cfg.io.num_cpus,
+                            fn_kwargs={"input_uri": input, "options": options,
+                                       "negative_prompt": cfg.negative_prompt})
+        ds = ds.map_batches(
+            encode.TextEncodeActor, batch_size=None, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=cfg.text_encoder.pool_size),
+            num_cpus=cfg.text_encoder.num_cpus, num_gpus=cfg.text_encoder.num_gpus or None,
+            fn_constructor_args=_actor_args(cfg, cfg.text_encoder, teacher, options),
+            fn_constructor_kwargs={"batch_size": cfg.text_encoder.batch_size,
+                                   "negative_prompt": cfg.negative_prompt,
+                                   "condition_resolution": cfg.condition_resolution})
+        if has_images:
+            ds = ds.map_batches(
+                encode.VaeEncodeActor, batch_size=None, batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=cfg.vae.pool_size),
+                num_cpus=cfg.vae.num_cpus, num_gpus=cfg.vae.num_gpus or None,
+                fn_constructor_args=_actor_args(cfg, cfg.vae, teacher, options),
+                fn_constructor_kwargs={"batch_size": cfg.vae.batch_size, "resolution": cfg.resolution})
+        else:
+            log.info("the input holds no images: VAE stage skipped (prompt-only shards)")
+            ds = ds.map_batches(encode.drop_images, batch_size=None, batch_format="pyarrow",
+                                num_cpus=cfg.io.num_cpus)
+        ds = ds.map_batches(write.write_shard, batch_size=None, batch_format="pyarrow",
+                            num_cpus=cfg.io.num_cpus,
+                            fn_kwargs={"output": output, "options": options, "input_uri": input,
+                                       "dtype": cfg.dtype, "compression": cfg.compression,
+                                       "row_group_rows": cfg.row_group_rows, "plan_id": pid})
+    finally:
+        ctx.target_max_block_size, ctx.enable_progress_bars = saved
+    new: dict[str, dict] = {}
+    with tqdm(total=len(todo), desc="precompute shards", unit="shard", disable=not show_progress) as bar:
+        for row in ds.iter_rows():
+            summary = json.loads(row["summary"])
+            name = summary["path"].rsplit("/", 1)[-1]
+            new[name] = summary
+            bar.update(1)
+            bar.set_postfix(rows=sum(s["rows"] for s in new.values()))
+    return new, ds.stats()
+
+
+def _actor_args(cfg: PrecomputeConfig, pool, teacher: str, options: StorageOptions | None) -> tuple:
+    return (teacher, options, cfg.model_dtype, cfg.dtype, pool.num_gpus, pool.torch_threads)
+
+
+def _sum_counters(summaries: list[dict], key: str) -> dict[str, int]:
+    total: Counter = Counter()
+    for summary in summaries:
+        total.update(summary.get(key, {}))
+    return dict(sorted(total.items()))
+
+
+def _single(shapes: list[list[int]]) -> list[int] | None:
+    return shapes[0] if len(shapes) == 1 else None
+
+
+def _manifest(cfg: PrecomputeConfig, pid: str, teacher_id: dict, input: str, info, plan_record: dict,
+              summaries: dict[str, dict]) -> dict:
+    shard_summaries = [s for name, s in sorted(summaries.items()) if name != EMPTY_PROMPT_NAME]
+    empty = summaries[EMPTY_PROMPT_NAME]
+    entries = [contract.ShardEntry(path=s["path"], rows=s["rows"], sha256=s["sha256"], bytes=s["bytes"])
+               for s in shard_summaries]
+    latent_shapes = sorted({tuple(x) for s in shard_summaries for x in s["latent_shapes"]})
+    source_shapes = sorted({tuple(x) for s in shard_summaries for x in s["source_latent_shapes"]})
+    dims = sorted({d for s in [*shard_summaries, empty] for d in s["text_embed_dims"]})
+    if len(dims) > 1:
+        raise PrecomputeError(f"text embedding widths differ between shards: {dims}")
+    extra = {
+        "plan_id": pid,
+        "dtype": cfg.dtype,
+        "latent_channels": plan_record["latent_channels"],
+        "vae_scale_factor": plan_record["vae_scale_factor"],
+        "latent_shape": _single([list(x) for x in latent_shapes]),
+        "latent_shapes": [list(x) for x in latent_shapes],
+        "source_latent_shape": _single([list(x) for x in source_shapes]),
+        "source_latent_shapes": [list(x) for x in source_shapes],
+        "text_embed_dim": dims[0] if dims else None,
+        "max_prompt_tokens": max([s["max_prompt_tokens"] for s in shard_summaries] or [0]),
+        "empty_prompt": {"path": EMPTY_PROMPT_NAME, "sha256": empty["sha256"], "bytes": empty["bytes"],
+                         "prompt": cfg.negative_prompt},
+        "input": {"uri": input, "content_sha256": info.content_hash, "rows": info.rows},
+    }
+    totals = {
+        "by_task": _sum_counters(shard_summaries, "by_task"),
+        "by_category": _sum_counters(shard_summaries, "by_category"),
+        "rejects": _sum_counters(shard_summaries, "reject_reasons"),
+    }
+    return contract.build_manifest(kind="shards", config=cfg.model_dump(mode="json"),
+                                   config_hash=cfg.identity_hash(), shards=entries, teacher=teacher_id,
+                                   totals=totals, extra=extra)

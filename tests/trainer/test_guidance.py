@@ -1,0 +1,92 @@
+"""Lambda table: presets, validation errors that name the entry, per-sample lookup."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fewstep.config import ConfigError, parse_config
+from trainer.guidance import GuidanceConfig, GuidanceError, LambdaTable, validate_lambdas
+
+TEACHERS = [
+    {"name": "base", "path": "t/base"},
+    {"name": "text", "path": "t/text", "specialises": ["text"]},
+]
+CATS = ["portrait", "landscape", "text"]
+
+
+def cfg(**kw) -> GuidanceConfig:
+    return parse_config(GuidanceConfig, {"teachers": TEACHERS, **kw})
+
+
+def test_base_preset_is_base_teacher_everywhere():
+    table = cfg(preset="base").build_table(4, CATS)
+    w = table.for_samples(torch.tensor([0, 1, 2, 3]), ["text", "portrait", "text", "unseen"])
+    assert torch.equal(w, torch.tensor([[1.0, 0.0]] * 4))
+    assert table.active_teachers() == [0]
+
+
+def test_specialist_preset_uses_specialist_alone_on_its_category():
+    table = cfg(preset="specialist").build_table(4, CATS)
+    w = table.for_samples(torch.tensor([0, 3, 0]), ["text", "text", "landscape"])
+    assert w.tolist() == [[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]
+
+
+def test_stepwise_preset_anchors_early_steps_on_base():
+    table = cfg(preset="stepwise", specialist_weight=0.75).build_table(4, CATS)
+    steps = torch.tensor([0, 1, 2, 3])
+    w = table.for_samples(steps, ["text"] * 4)
+    assert w[:2].tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    assert w[2:].tolist() == [[0.25, 0.75], [0.25, 0.75]]
+    # Categories without a specialist stay on the base teacher at every step.
+    assert table.for_samples(steps, ["portrait"] * 4)[:, 0].tolist() == [1.0] * 4
+    assert sorted(table.active_teachers()) == [0, 1]
+    one = cfg(preset="stepwise", anchor_steps=1).build_table(4, CATS)
+    assert one.for_samples(torch.tensor([1]), ["text"]).tolist() == [[0.0, 1.0]]
+    with pytest.raises(GuidanceError, match="anchor_steps"):
+        cfg(preset="stepwise", anchor_steps=5).build_table(4, CATS)
+
+
+def test_custom_table_per_category_and_default():
+    lambdas = {
+        "default": [[1, 0], [1, 0], [1, 0], [1, 0]],
+        "text": [[1, 0], [0.5, 0.5], [0.2, 0.8], [0, 1]],
+    }
+    table = cfg(preset=None, lambdas=lambdas).build_table(4, CATS)
+    w = table.for_samples(torch.tensor([2, 2]), ["text", "portrait"])
+    assert torch.allclose(w, torch.tensor([[0.2, 0.8], [1.0, 0.0]]))
+    assert table.to_dict()["tables"]["text"][1] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("lambdas", "match"),
+    [
+        ({"default": [[1, 0]] * 3}, r"3 rows but the student has 4 steps"),
+        ({"default": [[1, 0]] * 3 + [[1, 0, 0]]}, r"lambdas\.default\[3\]: 3 weights but there are 2"),
+        ({"default": [[1, 0]] * 3 + [[1.5, -0.5]]}, r"\[3\]\[0\] \(base\): weight 1.5 outside \[0, 1\]"),
+        ({"default": [[1, 0]] * 3 + [[0.5, 0.4]]}, r"lambdas\.default\[3\]: weights .* sum to 0.9, not 1"),
+        ({"text": [[1, 0]] * 4}, r"no table for categories \['portrait', 'landscape'\]"),
+        ({"default": [[1, 0]] * 3 + [[float("nan"), 1.0]]}, r"not a number"),
+    ],
+)
+def test_invalid_tables_raise_clear_errors(lambdas, match):
+    with pytest.raises(GuidanceError, match=match):
+        cfg(preset=None, lambdas=lambdas).build_table(4, CATS)
+
+
+def test_config_level_errors():
+    with pytest.raises(ConfigError, match="preset.*lambdas|lambdas"):
+        parse_config(GuidanceConfig, {"teachers": TEACHERS, "preset": None})
+    with pytest.raises(ConfigError, match="both set"):
+        parse_config(GuidanceConfig, {"teachers": TEACHERS, "lambdas": {"default": [[1, 0]]}})
+    with pytest.raises(ConfigError, match="unique"):
+        parse_config(GuidanceConfig, {"teachers": [TEACHERS[0], TEACHERS[0]]})
+    with pytest.raises(GuidanceError, match="no base teacher"):
+        parse_config(GuidanceConfig, {"teachers": [TEACHERS[1]], "preset": "stepwise"}).build_table(4, CATS)
+
+
+def test_step_out_of_range_is_an_error():
+    table = LambdaTable.from_mapping({"default": [[1.0]] * 2}, ["base"], 2, ["x"])
+    with pytest.raises(GuidanceError, match="out of range"):
+        table.for_samples(torch.tensor([2]), ["x"])
+    validate_lambdas({"default": [[1.0]] * 2}, ["base"], 2)

@@ -1,0 +1,64 @@
+"""Task-mixture sampler: hits the configured ratio within a fixed budget and reports it."""
+
+from __future__ import annotations
+
+import pytest
+
+from fewstep.config import ConfigError, parse_config
+from trainer.mixture import MixtureConfig, MixtureError, MixturePlan, MixtureSampler, achieved_ratio
+
+
+@pytest.mark.parametrize(("t2i", "edit"), [(9, 1), (7, 3), (5, 5), (1, 0), (2, 1)])
+@pytest.mark.parametrize("num_batches", [10, 37, 200])
+def test_plan_tracks_ratio_within_one_batch(t2i, edit, num_batches):
+    fractions = parse_config(MixtureConfig, {"ratio": {"t2i": t2i, "edit": edit}}).fractions()
+    plan = MixturePlan(fractions, num_batches=num_batches, batch_size=4)
+    counts = plan.counts()
+    assert sum(counts.values()) == num_batches * 4
+    for task, share in fractions.items():
+        # Every prefix of the schedule stays within one batch of the target.
+        for upto in range(1, num_batches + 1):
+            assert abs(plan.counts(upto)[task] / 4 - share * upto) <= 1.0
+    if num_batches % (t2i + edit) == 0:
+        assert counts.get("edit", 0) * t2i == counts["t2i"] * edit
+
+
+def test_sampler_serves_rows_restarts_sources_and_reports():
+    t2i_rows = [f"t{i}" for i in range(5)]
+    edit_rows = [f"e{i}" for i in range(3)]
+    plan = MixturePlan({"t2i": 0.7, "edit": 0.3}, num_batches=20, batch_size=2)
+    sampler = MixtureSampler(plan, {"t2i": lambda: iter(t2i_rows), "edit": lambda: iter(edit_rows)})
+    batches = list(sampler)
+    assert len(batches) == 20
+    for task, rows in batches:
+        assert len(rows) == 2
+        assert all(r.startswith(task[0]) for r in rows)
+    report = sampler.report()
+    assert report["served"] == {"t2i": 28, "edit": 12}
+    assert report["achieved"] == pytest.approx({"t2i": 0.7, "edit": 0.3})
+    assert report["epochs"]["edit"] >= 4  # 12 rows from a 3-row source
+    assert "7.0:3.0" in report["text"]
+    # Rows cycle in order across epoch boundaries (no row lost when a source runs out).
+    served_edit = [r for task, rows in batches if task == "edit" for r in rows]
+    assert served_edit == [edit_rows[i % 3] for i in range(12)]
+
+
+def test_resume_mid_plan_keeps_counts():
+    plan = MixturePlan({"t2i": 0.5, "edit": 0.5}, num_batches=10, batch_size=3)
+    resumed = MixtureSampler(plan, {"t2i": lambda: iter(range(100)), "edit": lambda: iter(range(100))},
+                             start=4)
+    assert len(list(resumed)) == 6
+    assert achieved_ratio(resumed.report()["served"]) == {"t2i": 0.5, "edit": 0.5}
+
+
+def test_errors():
+    plan = MixturePlan({"t2i": 0.5, "edit": 0.5}, num_batches=4, batch_size=2)
+    with pytest.raises(MixtureError, match="no rows of that task"):
+        MixtureSampler(plan, {"t2i": lambda: iter([1, 2])})
+    empty = MixtureSampler(plan, {"t2i": lambda: iter([1]), "edit": lambda: iter([])})
+    with pytest.raises(MixtureError, match="yields no rows"):
+        list(empty)
+    with pytest.raises(ConfigError, match="unknown task"):
+        parse_config(MixtureConfig, {"ratio": {"t2i": 1, "video": 1}})
+    with pytest.raises(ConfigError, match="positive weight"):
+        parse_config(MixtureConfig, {"ratio": {"t2i": 0, "edit": 0}})

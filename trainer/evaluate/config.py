@@ -1,0 +1,66 @@
+"""``configs/eval/*.yaml``: which models sample which benches, how, and where results go."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from fewstep import storage
+from fewstep.config import StrictModel
+
+BENCH_NAMES = ("t2i-bench-mini", "editing-bench-mini")
+
+
+class ModelEntry(StrictModel):
+    """One model to evaluate. ``nfe`` is the number of sampling steps; with ``guidance_scale``
+    above 1 every step costs two network calls (true CFG), which ``network_calls`` reports."""
+
+    name: str = Field(..., description="Label in tables and file names (letters, digits, - _ .).")
+    path: str = Field(..., description="Pipeline directory (local or s3://).")
+    role: Literal["teacher", "student"] = "teacher"
+    nfe: int | None = Field(None, ge=1, description="Sampling steps (default: teacher 80, a student "
+                            "its exported step count).")
+    guidance_scale: float | None = Field(None, ge=1.0, description="True CFG scale (default: teacher "
+                                         "4.0, student 1.0).")
+    shift: float | None = Field(None, gt=0, description="Schedule shift (default: the directory's scheduler).")
+
+    @field_validator("name")
+    @classmethod
+    def _safe(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+            raise ValueError("use letters, digits, '-', '_' or '.' only (it names files)")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        return storage.normalize(value)
+
+
+class EvalConfig(StrictModel):
+    models: list[ModelEntry] = Field(..., min_length=1)
+    benches: list[Literal["t2i-bench-mini", "editing-bench-mini"]] = Field(
+        default_factory=lambda: list(BENCH_NAMES))
+    cases_per_category: int | None = Field(None, ge=1, description="First N cases of each category "
+                                           "(null: the whole bench).")
+    teacher_cases_per_category: int | None = Field(
+        None, ge=1, description="Cap for models with nfe > 8 (80-NFE teachers are slow on a CPU); "
+        "null: same as cases_per_category.")
+    judge: str = Field("offline", description="Bench judge (fewstep.bench.judges).")
+    resolution: int | None = Field(None, ge=8, description="Sampling size (default: each model's).")
+    batch_size: int = Field(16, ge=1, description="Cases sampled together by one actor call.")
+    actors: int = Field(1, ge=1, description="Ray Data actors sampling in parallel (1 keeps the "
+                        "per-image timings free of contention on a small machine).")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    threads_per_actor: int | None = Field(None, ge=1, description="torch threads in each actor "
+                                          "(default: all cores / actors).")
+    grid_cases: int = Field(8, ge=1, description="Cases per category shown in the sample grids.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> EvalConfig:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models: names must be unique, got {names}")
+        return self

@@ -1,0 +1,330 @@
+"""DMD distillation of a few-step student (PAPER.md), as a plug-in of the one training loop.
+
+Models of a job: ``student`` and ``fake_score`` (trainable, both initialised from the base
+teacher, each with its own AdamW and learning rate) and one frozen ``teacher_<name>`` per
+teacher with a non-zero weight in the lambda table.
+
+One iteration (``train_step``):
+
+1. ``fake_updates`` times: the student generates samples without grad (backward simulation
+   to a random step k, then step k), and the fake score learns plain flow matching on them.
+2. Once: the student generates ``x_theta`` (steps < k without grad, step k with grad),
+   ``x_theta`` is re-noised at a random ``t``, and the student is pushed along
+   ``s_fake - s_real`` where ``s_real = sum_m lambda[k, m](category) * CFG(teacher_m)``
+   (editing: every network also sees the source latents, as the edit pipeline does).
+   Optionally a flow-matching loss on the student's first step is added (DP-DMD).
+
+Every rank draws the per-sample student steps from a generator seeded by (seed, step), so
+all ranks run the same number of forward passes (ZeRO-3 gathers parameters collectively).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from fewstep import storage
+from fewstep.bench.world import EDIT_CATEGORIES, T2I_CATEGORIES
+from fewstep.config import StrictModel
+from trainer.guidance import GuidanceConfig, LambdaTable
+from trainer.mixture import MixtureConfig, MixtureError, MixturePlan, achieved_ratio
+from trainer.objectives import dmd_math as M
+from trainer.objectives.base import ModelSpec, Objective, ObjectiveEnv, OptimizerConfig, TrainState
+from trainer.objectives.dmd_data import (
+    DMD_COLUMNS,
+    DMDBatch,
+    RowBlock,
+    TaskBuffer,
+    decode_rows,
+    load_empty_prompt,
+)
+from trainer.objectives.dmd_validation import ValidationConfig, Validator
+
+log = logging.getLogger(__name__)
+
+
+class DMDConfig(StrictModel):
+    """``objective:`` section of ``configs/distill/*.yaml`` (``name: dmd``)."""
+
+    guidance: GuidanceConfig
+    student_steps: int = Field(4, ge=1, le=64, description="Steps (NFE) of the student.")
+    student_shift: float = Field(3.0, gt=0, description="Timestep shift of the student's schedule.")
+    guidance_scale: float = Field(4.0, ge=1.0, description="Teacher CFG scale (per teacher override "
+                                  "in guidance.teachers[].guidance_scale).")
+    fake_updates: int = Field(5, ge=1, description="Fake-score updates per student update.")
+    student_optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=2e-6))
+    fake_optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=4e-6))
+    renoise_t: tuple[float, float] = Field((0.02, 0.98), description="Range of the DMD re-noise t.")
+    renoise_shift: float = Field(1.0, gt=0, description="Shift applied to the sampled re-noise t.")
+    fake_t: tuple[float, float] = Field((0.02, 0.98), description="t range of the fake score's loss.")
+    step_probs: list[float] | None = Field(None, description="Probability of each student step k "
+                                           "(default uniform).")
+    fm_first_step_weight: float = Field(0.0, ge=0.0, description="Weight of a flow-matching loss on "
+                                        "the student's first step (DP-DMD variant; 0 disables).")
+    mixture: MixtureConfig = Field(default_factory=MixtureConfig)
+    buffer_batches: int = Field(8, ge=1, description="Rows kept per task waiting for the mixture, "
+                                "in batches.")
+    categories: list[str] = Field(default_factory=lambda: [*T2I_CATEGORIES, *EDIT_CATEGORIES],
+                                  description="Categories the lambda table is expanded for.")
+    resolution: int | None = Field(None, ge=8, description="Pixels of prompt-only samples (default: "
+                                   "the rows' latents, else the teacher's resolution).")
+    init_from: str | None = Field(None, description="Initialise student and fake score from this "
+                                  "pipeline (default: the base teacher).")
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    seed: int = Field(0, description="Seed of the student-step draws (shared by all ranks).")
+
+    @field_validator("init_from")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return None if value is None else storage.normalize(value)
+
+    @model_validator(mode="after")
+    def _check(self) -> DMDConfig:
+        for name in ("renoise_t", "fake_t"):
+            lo, hi = getattr(self, name)
+            if not 0.0 <= lo < hi <= 1.0:
+                raise ValueError(f"{name}: need 0 <= low < high <= 1, got [{lo}, {hi}]")
+        if self.step_probs is not None and len(self.step_probs) != self.student_steps:
+            raise ValueError(f"step_probs: {len(self.step_probs)} values for {self.student_steps} steps")
+        self.table()  # validate the lambda table now (clear error at config load)
+        return self
+
+    def table(self) -> LambdaTable:
+        return self.guidance.build_table(self.student_steps, self.categories)
+
+    def base_uri(self) -> str:
+        return self.init_from or self.guidance.teachers[self.guidance.base_index()].path
+
+
+def _load_transformer(uri: str, storage) -> torch.nn.Module:
+    from fewstep.models.adapter import QwenImageAdapter
+
+    return QwenImageAdapter.load(uri, components=("transformer",), storage=storage).transformer.float()
+
+
+class DMDObjective(Objective):
+    name = "dmd"
+    Config = DMDConfig
+    data_kind = "shards"
+    columns = DMD_COLUMNS
+
+    def __init__(self, config: DMDConfig, env: ObjectiveEnv):
+        super().__init__(config, env)
+        self.cfg = config
+        self.table = config.table()
+        self.active = self.table.active_teachers()
+        self.teacher_names = [config.guidance.teachers[m].name for m in self.active]
+
+    # ------------------------------------------------------------------ models
+    def model_specs(self) -> list[ModelSpec]:
+        cfg, storage = self.cfg, self.env.storage
+        base = cfg.base_uri()
+        specs = [
+            ModelSpec("student", lambda: _load_transformer(base, storage), True, cfg.student_optimizer),
+            ModelSpec("fake_score", lambda: _load_transformer(base, storage), True, cfg.fake_optimizer),
+        ]
+        for m in self.active:
+            teacher = cfg.guidance.teachers[m]
+            specs.append(ModelSpec(f"teacher_{teacher.name}",
+                                   (lambda uri=teacher.path: _load_transformer(uri, storage)), False))
+        return specs
+
+    def setup(self, state: TrainState) -> None:
+        from fewstep.models.adapter import QwenImageAdapter
+
+        cfg, env = self.cfg, self.env
+        self.adapter = QwenImageAdapter.load(cfg.base_uri(), components=(), storage=env.storage)
+        self.sigmas = self.adapter.sigmas(cfg.student_steps, cfg.student_shift)
+        self.empty = load_empty_prompt(env.data_uri, env.storage).to(state.device)
+        manifest = storage.read_json(storage.join(env.data_uri, "manifest.json"), env.storage)
+        totals = manifest.get("totals", {})
+        self.manifest_rows = int(totals.get("rows", 0))
+        by_task = totals.get("by_task")
+        if isinstance(by_task, dict):
+            missing = [t for t in cfg.mixture.fractions() if not by_task.get(t)]
+            if missing:
+                raise MixtureError(
+                    f"objective.mixture.ratio serves {missing} but {env.data_uri} holds no such rows "
+                    f"(rows per task: {by_task}); set its weight to 0 or precompute such data")
+        self.buffer: TaskBuffer | None = None
+        self.plan: MixturePlan | None = None
+        self._restored: dict[str, Any] = {}
+        self.validator = Validator(cfg.validation, self.adapter, cfg.base_uri(), env, cfg.student_steps,
+                                   cfg.student_shift) if cfg.validation.every else None
+        log.info("DMD: %d-step student (shift %g), teachers %s, lambda table %s, mixture %s",
+                 cfg.student_steps, cfg.student_shift, self.teacher_names, self.table.to_dict()["tables"],
+                 cfg.mixture.fractions())
+
+    # ------------------------------------------------------------------ data
+    def collate(self, rows: dict[str, np.ndarray], device: torch.device) -> RowBlock:
+        return RowBlock.from_columns(rows)
+
+    def _next_batch(self, state: TrainState, block: RowBlock) -> DMDBatch:
+        """The batch the mixture plan wants at this step, pulling rows until it is there."""
+        if self.plan is None or self.buffer is None:
+            batch_size = max(len(block), 1)  # the runtime's train.batch_size
+            self.buffer = TaskBuffer(batch_size, self.cfg.buffer_batches * batch_size)
+            self.buffer.seen.update(self._restored.get("buffer_seen", {}))
+            self.buffer.dropped.update(self._restored.get("buffer_dropped", {}))
+            self.plan = MixturePlan(self.cfg.mixture.fractions(), state.max_steps, batch_size)
+        task = self.plan.task_at(state.step)
+        self.buffer.push(block)
+        pulls, limit = 0, max(4 * self.manifest_rows // max(self.buffer.batch_size, 1), 64)
+        while not self.buffer.ready(task):
+            if state.next_batch is None or pulls > limit:
+                raise MixtureError(
+                    f"mixture.ratio asks for {task!r} batches but {pulls} pulled batches held too few "
+                    f"{task!r} rows (seen per task: {self.buffer.seen}); set its weight to 0 or add data")
+            self.buffer.push(state.next_batch())
+            pulls += 1
+        return decode_rows(self.buffer.pop(task), state.device)
+
+    # ------------------------------------------------------------------ networks
+    def _velocity(self, handle, batch: DMDBatch, state: TrainState):
+        ad, cond, source = self.adapter, batch.cond, batch.source_latents
+
+        def fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with state.autocast():
+                v = ad.predict_velocity(handle.net, state.cast(z), state.cast(t), cond,
+                                        None if source is None else state.cast(source))
+            return v.float()
+
+        return fn
+
+    def _real(self, batch: DMDBatch, weights: torch.Tensor, state: TrainState):
+        ad, cfg = self.adapter, self.cfg
+        uncond = batch.negative if batch.task == "edit" else self.empty.repeat(len(batch))
+
+        def fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            velocities: list[torch.Tensor | None] = []
+            for m, teacher in enumerate(cfg.guidance.teachers):
+                if m not in self.active or not bool((weights[:, m] > 0).any()):
+                    velocities.append(None)
+                    continue
+                handle = state.models[f"teacher_{teacher.name}"]
+                scale = teacher.guidance_scale or cfg.guidance_scale
+                # The adapter casts inputs to the teacher's own dtype (bf16 or fp32).
+                with torch.no_grad(), state.autocast():
+                    v = ad.guided_velocity(handle.net, z, t, batch.cond, uncond, scale,
+                                           batch.source_latents)
+                velocities.append(v.float())
+            return M.mix_velocities(velocities, weights.to(z.device))
+
+        return fn
+
+    def _shape(self, batch: DMDBatch) -> tuple[int, ...]:
+        if self.cfg.resolution is None and batch.latents is not None:
+            return tuple(batch.latents.shape[1:])
+        size = self.cfg.resolution or self.adapter.resolution
+        if size is None:
+            raise ValueError("objective.resolution: required when shard rows carry no latents and the "
+                             "teacher records no resolution")
+        h, w = self.adapter.latent_hw(size, size)
+        return (self.adapter.latent_channels, h, w)
+
+    def _draw(self, state: TrainState, batch: DMDBatch, salt: int):
+        """Per-sample student steps (same on every rank) and this rank's noise."""
+        shared = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + state.step) * 1009 + salt)
+        steps = M.sample_student_steps(len(batch), self.cfg.student_steps, shared, self.cfg.step_probs)
+        noise = torch.randn((len(batch), *self._shape(batch)), generator=state.generator).to(state.device)
+        return steps, noise
+
+    # ------------------------------------------------------------------ the step
+    def train_step(self, state: TrainState, block: RowBlock) -> dict[str, float]:
+        cfg = self.cfg
+        batch = self._next_batch(state, block)
+        student, fake = state.models["student"], state.models["fake_score"]
+        student_fn, fake_fn = self._velocity(student, batch, state), self._velocity(fake, batch, state)
+        sigmas = self.sigmas.to(state.device)
+        out: dict[str, float] = {}
+        if self.validator is not None and state.step == 0:
+            out.update(self.validator.run(state, student, step=0))
+
+        fake_losses, fake_norms = [], []
+        for i in range(cfg.fake_updates):
+            steps, noise = self._draw(state, batch, salt=1 + i)
+            with torch.no_grad():
+                z_k, t_k = M.backward_simulate(student_fn, noise, sigmas, steps.to(state.device))
+                x, _ = M.student_x0(student_fn, z_k, t_k)
+            t = M.sample_timesteps(len(batch), *cfg.fake_t, generator=state.generator, device=state.device)
+            loss = M.flow_matching_loss(fake_fn, x, t, torch.randn(x.shape, generator=state.generator).to(x))
+            fake.backward(loss)
+            fake_norms.append(fake.step()["grad_norm"])
+            fake_losses.append(float(loss.detach()))
+
+        steps, noise = self._draw(state, batch, salt=0)
+        steps = steps.to(state.device)
+        z_k, t_k = M.backward_simulate(student_fn, noise, sigmas, steps)
+        x, _ = M.student_x0(student_fn, z_k, t_k)
+        weights = self.table.for_samples(steps.cpu(), batch.categories)
+        t = M.sample_timesteps(len(batch), *cfg.renoise_t, shift=cfg.renoise_shift,
+                               generator=state.generator, device=state.device)
+        xi = torch.randn(x.shape, generator=state.generator).to(x)
+        loss, stats = M.dmd_loss(x, t, xi, fake_fn, self._real(batch, weights, state))
+        total = loss
+        if cfg.fm_first_step_weight > 0:
+            fm = self._first_step_fm(student_fn, batch, sigmas, state)
+            total = total + cfg.fm_first_step_weight * fm
+            out["fm_first_step_loss"] = float(fm.detach())
+        student.backward(total)
+        student_norm = student.step()["grad_norm"]
+
+        served = self.plan.counts(upto=state.step + 1)
+        shares = achieved_ratio(served)
+        out.update({
+            "dmd_loss": float(loss.detach()),
+            "fake_loss": float(np.mean(fake_losses)),
+            "student_grad_norm": float(student_norm),
+            "fake_grad_norm": float(np.mean(fake_norms)),
+            "dmd_grad_abs": float(stats["dmd_grad_abs"]),
+            "fake_real_gap": float(stats["fake_real_gap"]),
+            "x_theta_std": float(x.detach().float().std()),
+            "mixture_edit_share": shares.get("edit", 0.0),
+            "mixture_t2i_share": shares.get("t2i", 0.0),
+            "task_edit": 1.0 if batch.task == "edit" else 0.0,
+            "student_updates": float(student.optimizer_steps),
+            "fake_updates": float(fake.optimizer_steps),
+        })
+        if self.validator is not None and self.validator.due(state.step + 1, state.max_steps):
+            out.update(self.validator.run(state, student, step=state.step + 1))
+        return out
+
+    def _first_step_fm(self, student_fn, batch: DMDBatch, sigmas: torch.Tensor, state: TrainState):
+        """Flow matching on the student's first step (t = sigmas[0]) against the rows' latents
+        (T2I images, edit targets); rows without latents get weight 0. The forward pass runs
+        even then, so every rank makes the same calls (ZeRO-3)."""
+        latents, mask = batch.latents, batch.latents_mask
+        if latents is None or mask is None:
+            latents = torch.zeros((len(batch), *self._shape(batch)), device=state.device)
+            mask = torch.zeros(len(batch), device=state.device)
+        t0 = sigmas[0].expand(len(batch)).to(state.device)
+        eps = torch.randn(latents.shape, generator=state.generator).to(latents)
+        return M.flow_matching_loss(student_fn, latents, t0, eps, weight=mask)
+
+    # ------------------------------------------------------------------ state and export
+    def state_dict(self) -> dict[str, Any]:
+        if self.buffer is None:
+            return dict(self._restored)
+        return {"buffer_seen": dict(self.buffer.seen), "buffer_dropped": dict(self.buffer.dropped)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # The plan is a pure function of the step, so only the row counters need restoring.
+        self._restored = dict(state)
+
+    def export(self, state: TrainState, out_dir: Path) -> None:
+        from trainer.export import export_student
+
+        export_student(state.models["student"].module, self.cfg.base_uri(), str(out_dir),
+                       num_steps=self.cfg.student_steps, shift=self.cfg.student_shift,
+                       storage=self.env.storage,
+                       extra_meta={"teachers": [t.name for t in self.cfg.guidance.teachers],
+                                   "lambda_table": self.table.to_dict(),
+                                   "mixture": self.cfg.mixture.fractions()})
+
+    def describe(self) -> str:
+        return f"dmd {self.cfg.student_steps}-step student <- {'+'.join(self.teacher_names)}"

@@ -1,0 +1,100 @@
+"""Periodic check of the student on a small validation set with the bench judges.
+
+Collapse to noise or flat colour is the failure practitioners of DMD report most, and it
+happens during training. Every ``validation.every`` steps the student samples a few fixed
+bench cases (its own ``student_steps`` NFE, no CFG, the cases' own seeds), the bench judge
+scores them, and the metrics (``val_score``, ``val_score_<category>``, ``val_pixel_std``,
+``val_diversity``) go into the run's metrics next to the losses; rank 0 also writes a grid
+to ``<run>/validation/step-<N>.png``.
+
+Every rank samples its share of the cases (the same count on each rank, so ZeRO-3's
+collective forward passes line up) and the runtime averages the ranks' metrics.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from fewstep import storage
+from fewstep.config import StrictModel
+
+log = logging.getLogger(__name__)
+
+
+class ValidationConfig(StrictModel):
+    every: int = Field(0, ge=0, description="Validate every N steps (and at steps 0 and the last); "
+                       "0 disables.")
+    bench: str = Field("t2i-bench-mini", description="Bench the validation cases come from.")
+    cases_per_category: int = Field(2, ge=1, description="First N cases of each category.")
+    judge: str = Field("offline", description="Bench judge name (see fewstep.bench.judges).")
+    resolution: int | None = Field(None, ge=8, description="Sampling size (default: the teacher's).")
+    seed: int = Field(0, description="Seed of the per-step student-step draws shared by all ranks.")
+    save_grids: bool = True
+
+
+def pick_cases(bench: str, per_category: int, rank: int, world_size: int) -> list[Any]:
+    """The first ``per_category`` cases of each category, this rank's equal share (padded by
+    repeating cases so every rank samples the same number)."""
+    from fewstep.bench.benches import load_bench
+
+    cases = load_bench(bench)
+    chosen: list[Any] = []
+    for category in dict.fromkeys(c.category for c in cases):
+        chosen.extend([c for c in cases if c.category == category][:per_category])
+    per_rank = -(-len(chosen) // world_size)
+    padded = (chosen * (1 + per_rank * world_size // max(len(chosen), 1)))[: per_rank * world_size]
+    return padded[rank::world_size]
+
+
+class Validator:
+    def __init__(self, cfg: ValidationConfig, adapter, base_uri: str, env, num_steps: int, shift: float):
+        from fewstep.models.adapter import QwenImageAdapter
+        from trainer.evaluate.judging import load_judge
+        from trainer.evaluate.sampling import prepare_cases
+
+        self.cfg, self.env = cfg, env
+        self.num_steps, self.shift = num_steps, shift
+        self.cases = pick_cases(cfg.bench, cfg.cases_per_category, env.rank, env.world_size)
+        # Encoders are needed once: prompts are encoded now, the text encoder is then freed.
+        encoders = QwenImageAdapter.load(base_uri, components=("text_encoder", "vae"), storage=env.storage)
+        resolution = cfg.resolution or encoders.resolution
+        if resolution is None:
+            raise ValueError("objective.validation.resolution: required (the teacher records no resolution)")
+        self.inputs = prepare_cases(encoders, self.cases, resolution)
+        encoders.text_encoder = None
+        self.adapter = encoders
+        self.judge = load_judge(cfg.judge)
+        log.info("validation: %d %s cases on rank %d every %d steps", len(self.cases), cfg.bench,
+                 env.rank, cfg.every)
+
+    def due(self, step: int, max_steps: int) -> bool:
+        return step % self.cfg.every == 0 or step == max_steps
+
+    def run(self, state, handle, step: int) -> dict[str, float]:
+        from trainer.evaluate.judging import judge_case
+        from trainer.evaluate.sampling import image_stats, make_grid, sample_cases
+
+        result = sample_cases(self.adapter, handle.net, self.inputs.select(slice(None)),
+                              num_steps=self.num_steps, guidance_scale=1.0, shift=self.shift,
+                              batch_size=len(self.inputs))
+        scores: dict[str, list[float]] = {}
+        for index, (case, image) in enumerate(zip(self.cases, result.images)):
+            source = self.inputs.sources[index] if self.inputs.sources else None
+            scores.setdefault(case.category, []).append(judge_case(self.judge, case, image, source)["score"])
+        out = {"val_score": float(np.mean([s for v in scores.values() for s in v]))}
+        out.update({f"val_score_{c}": float(np.mean(v)) for c, v in scores.items()})
+        out.update({f"val_{k}": v for k, v in image_stats(result.images).items()})
+        if state.rank == 0 and self.cfg.save_grids:
+            grid = make_grid(result.images, [c.category[:4] for c in self.cases], columns=8)
+            buffer = io.BytesIO()
+            grid.save(buffer, format="PNG")
+            uri = storage.join(self.env.run_uri, "validation", f"step-{step:06d}.png")
+            storage.write_bytes_atomic(uri, buffer.getvalue(), self.env.storage)
+        log.info("validation at step %d: score %.2f, pixel std %.3f, diversity %.3f", step,
+                 out["val_score"], out["val_pixel_std"], out["val_diversity"])
+        return out

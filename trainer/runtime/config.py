@@ -1,0 +1,134 @@
+"""The run config shared by every training command (``train-teacher``, ``distill``).
+
+One YAML file describes a run: where it goes (``run``), how it is launched (``launcher``,
+``scaling``, ``deepspeed``), the loop (``train``), the data (``data``) and the objective
+(``objective``: validated against the chosen objective's own ``Config``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from fewstep.config import ConfigError, StrictModel, load_config, parse_config
+from fewstep.storage import join, normalize
+
+
+class RunSection(StrictModel):
+    name: str = Field(..., description="Run name: the run folder is <runs_dir>/<name>.")
+    runs_dir: str | None = Field(
+        None, description="Local path or s3:// URI holding run folders (default: FEWSTEP_RUNS_DIR).")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value or "/" in value or value.startswith("."):
+            raise ValueError("run.name must be a plain folder name (no '/', not starting with '.')")
+        return value
+
+
+class ScalingSection(StrictModel):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each).")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+
+
+class DeepSpeedSection(StrictModel):
+    enabled: bool = Field(True, description="Wrap trainable models in DeepSpeed engines.")
+    zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage 0-3.")
+    offload_optimizer: bool = Field(
+        False, description="ZeRO-Offload of optimiser states to CPU (builds DeepSpeed's cpu_adam).")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="Extra DeepSpeed config keys merged over the generated ones.")
+
+
+class TrainSection(StrictModel):
+    max_steps: int = Field(..., ge=1, description="Iterations to run; a resumed run stops at the same count.")
+    batch_size: int = Field(..., ge=1, description="Rows per worker per iteration.")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    log_every: int = Field(10, ge=1, description="Metrics line + ray.train.report every N steps.")
+    checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts Ray Train may do.")
+    shuffle_buffer: int = Field(256, ge=0, description="Local shuffle buffer (rows); 0: no shuffle.")
+    export: bool = Field(True, description="Write <run>/final (a diffusers pipeline directory).")
+    progress: bool = Field(True, description="Progress bar on rank 0.")
+
+
+class DataSection(StrictModel):
+    uri: str | None = Field(
+        None, description="Dataset root (local or s3://) with manifest.json: precomputed shards or curated.")
+    tasks: list[Literal["t2i", "edit"]] | None = Field(None, description="Keep only these tasks.")
+    categories: list[str] | None = Field(None, description="Keep only these categories.")
+
+
+class TestingSection(StrictModel):
+    """Fault injection for tests: rank ``crash_rank`` exits once at ``crash_at_step``."""
+
+    crash_at_step: int | None = None
+    crash_rank: int = 1
+    crash_marker: str | None = Field(
+        None, description="Local file created at the crash, so the crash happens only once.")
+    step_sleep_s: float = Field(0.0, ge=0, description="Sleep per step (to make runs observable).")
+
+
+class TrainConfig(StrictModel):
+    run: RunSection
+    launcher: Literal["ray", "local"] = Field(
+        "ray", description="ray: Ray Train TorchTrainer; local: one process, no Ray.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Device of the local launcher (Ray workers use GPUs if scaling.use_gpu).")
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    train: TrainSection
+    data: DataSection = Field(default_factory=DataSection)
+    objective: dict[str, Any] = Field(..., description="name: <objective> plus that objective's keys.")
+    testing: TestingSection = Field(default_factory=TestingSection)
+
+    def objective_name(self) -> str:
+        return str(self.objective.get("name", ""))
+
+    def objective_config(self) -> StrictModel:
+        """The ``objective`` section validated against the objective's ``Config``."""
+        from trainer.objectives.base import resolve_objective
+
+        name = self.objective_name()
+        if not name:
+            raise ConfigError("objective.name: required: add the objective name (e.g. flow_matching)")
+        try:
+            cls = resolve_objective(name)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        body = {k: v for k, v in self.objective.items() if k != "name"}
+        return parse_config(cls.Config, body, "objective")
+
+    def run_uri(self, default_runs_dir: str | Path) -> str:
+        return join(normalize(self.run.runs_dir or str(default_runs_dir)), self.run.name)
+
+
+def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Load and fully validate a run config, objective section included."""
+    config = load_config(TrainConfig, path, overrides)
+    try:
+        config.objective_config()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if config.testing.crash_at_step is not None and config.testing.crash_marker is None:
+        raise ConfigError(f"{path}: testing.crash_marker: required with testing.crash_at_step")
+    return config
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key.sub=value`` strings from the CLI; values parsed as YAML (numbers, lists, null)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=100")
+        out[key.strip()] = yaml.safe_load(value)
+    return out

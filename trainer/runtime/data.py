@@ -1,0 +1,123 @@
+"""Training data: a manifest-checked dataset root streamed as columnar numpy batches.
+
+Two readers yield the same batches (``dict[str, np.ndarray]``, binary columns as object
+arrays of ``bytes``): a Ray Data dataset for the Ray launcher (each worker streams its
+part with ``get_dataset_shard``) and a plain pyarrow reader for the local launcher.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from fewstep import storage
+from fewstep.contract import MANIFEST_NAME, ContractError, check_manifest
+from fewstep.storage import StorageOptions
+from trainer.runtime.config import DataSection
+
+log = logging.getLogger(__name__)
+
+# Folder of the parquet parts for each dataset kind (see docs/dev/interfaces.md).
+KIND_DIRS = {"shards": "shards", "curated": "curated"}
+
+
+@dataclass(frozen=True)
+class DataSource:
+    uri: str
+    kind: str
+    files: tuple[str, ...]  # full URIs
+    manifest: dict
+    columns: tuple[str, ...] | None
+    filter: pc.Expression | None
+
+    def backend_paths(self) -> list[str]:
+        return [storage._strip(f) for f in self.files]
+
+
+def open_source(section: DataSection, expected_kind: str, columns: tuple[str, ...] | None,
+                options: StorageOptions | None) -> DataSource:
+    """Check the manifest and list the parts; errors name the config field and the fix."""
+    if not section.uri:
+        raise ValueError(f"data.uri: required: the {expected_kind} dataset root this objective trains on")
+    uri = storage.normalize(section.uri)
+    manifest_uri = storage.join(uri, MANIFEST_NAME)
+    if not storage.exists(manifest_uri, options):
+        raise FileNotFoundError(
+            f"data.uri: no {MANIFEST_NAME} under {uri}; point it at a finished "
+            f"{'precompute' if expected_kind == 'shards' else 'curate'} output")
+    try:
+        manifest = check_manifest(storage.read_json(manifest_uri, options), expected_kind)
+    except ContractError as exc:
+        raise ValueError(f"data.uri: {uri}: {exc}") from None
+    files = tuple(storage.join(uri, entry["path"]) for entry in manifest["shards"])
+    if not files:
+        files = tuple(storage.list_files(storage.join(uri, KIND_DIRS[expected_kind]), ".parquet", options))
+    if not files:
+        raise ValueError(f"data.uri: {uri} lists no parquet parts")
+    expr = None
+    if section.tasks:
+        expr = pc.field("task").isin(section.tasks)
+    if section.categories:
+        cat = pc.field("category").isin(section.categories)
+        expr = cat if expr is None else (expr & cat)
+    if columns is not None and expr is not None:
+        columns = tuple(dict.fromkeys([*columns, "task", "category"]))
+    return DataSource(uri, expected_kind, files, manifest, columns, expr)
+
+
+def ray_dataset(source: DataSource, options: StorageOptions | None):
+    """A streaming Ray Data dataset over the source (nothing is read on the driver)."""
+    import ray.data
+
+    fs, _ = storage.pyarrow_filesystem(source.uri, options)
+    kwargs = {}
+    if source.filter is not None:
+        kwargs["filter"] = source.filter
+    return ray.data.read_parquet(
+        source.backend_paths(), filesystem=fs,
+        columns=list(source.columns) if source.columns else None, **kwargs)
+
+
+def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
+    """Columnar numpy batch in the same shapes Ray's ``batch_format="numpy"`` gives."""
+    out = {}
+    for name in table.column_names:
+        column = table.column(name)
+        out[name] = column.to_numpy(zero_copy_only=False)
+    return out
+
+
+class LocalReader:
+    """Reads the whole (filtered) table once; each epoch is a seeded permutation split by rank.
+
+    Meant for the local launcher and small to medium datasets (a teacher run on one GPU);
+    the Ray launcher streams instead.
+    """
+
+    def __init__(self, source: DataSource, options: StorageOptions | None):
+        fs, _ = storage.pyarrow_filesystem(source.uri, options)
+        dataset = pads.dataset(source.backend_paths(), filesystem=fs, format="parquet")
+        self.table = dataset.to_table(
+            columns=list(source.columns) if source.columns else None, filter=source.filter)
+        if self.table.num_rows == 0:
+            raise ValueError(f"data: no rows left in {source.uri} after the task/category filter")
+        log.info("data: %d rows from %s", self.table.num_rows, source.uri)
+
+    def batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                shuffle: bool = True) -> Iterator[dict[str, np.ndarray]]:
+        n = self.table.num_rows
+        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+        per_rank = n // world_size  # equal parts, as Ray's streaming_split(equal=True)
+        mine = order[rank * per_rank:(rank + 1) * per_rank]
+        for start in range(0, len(mine) - batch_size + 1, batch_size):
+            yield table_to_numpy(self.table.take(pa.array(mine[start:start + batch_size])))
+
+
+def batches_per_epoch(rows: int, batch_size: int, world_size: int) -> int:
+    return (rows // world_size) // batch_size

@@ -1,0 +1,274 @@
+"""Wrap the models of a job: DeepSpeed engines, plain torch (optionally DDP), or frozen.
+
+Every handle offers the same small API to objectives (``trainer.objectives.base.ModelHandle``):
+``net`` for forward passes, ``backward``, ``step`` and ``zero_grad``, plus checkpoint
+save/load and ``gathered()`` (full parameters for export under ZeRO-3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.objectives.base import ModelSpec, OptimizerConfig
+from trainer.runtime.config import TrainConfig
+
+
+def compute_dtype(config: TrainConfig) -> torch.dtype:
+    """Dtype of trainable parameters: bf16 only under DeepSpeed bf16 (else autocast handles it)."""
+    if config.deepspeed.enabled and config.train.precision == "bf16":
+        return torch.bfloat16
+    return torch.float32
+
+
+def frozen_dtype(config: TrainConfig) -> torch.dtype:
+    return torch.bfloat16 if config.train.precision == "bf16" else torch.float32
+
+
+def deepspeed_config(config: TrainConfig, spec: ModelSpec) -> dict[str, Any]:
+    """The DeepSpeed config of one engine (all engines share stage and precision)."""
+    opt = spec.optimizer or OptimizerConfig()
+    stage = config.deepspeed.zero_stage
+    zero: dict[str, Any] = {"stage": stage}
+    if stage >= 2:
+        zero.update({"overlap_comm": False, "contiguous_gradients": True})
+    if stage == 3:
+        # Small models: gather everything; thresholds only matter at scale.
+        zero.update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 5e7})
+    if config.deepspeed.offload_optimizer:
+        if stage == 0:
+            raise ValueError("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
+        zero["offload_optimizer"] = {"device": "cpu"}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": config.train.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": float(opt.grad_clip or 0.0),
+        "zero_optimization": zero,
+        "bf16": {"enabled": config.train.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(ds, copy.deepcopy(config.deepspeed.config))
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _optimizer(params: list[torch.nn.Parameter], opt: OptimizerConfig, device: torch.device):
+    kwargs: dict[str, Any] = {"lr": opt.lr, "betas": opt.betas, "weight_decay": opt.weight_decay,
+                              "eps": opt.eps}
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    optimizer = torch.optim.AdamW(params, **kwargs)
+    warmup = max(0, opt.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    return optimizer, scheduler
+
+
+class _Handle:
+    name: str
+    trainable: bool
+    module: torch.nn.Module
+    net: Any
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise RuntimeError(f"model {self.name!r} is frozen: it has no backward/step")
+
+    def step(self) -> dict[str, float]:
+        raise RuntimeError(f"model {self.name!r} is frozen: it has no backward/step")
+
+    def zero_grad(self) -> None:
+        pass
+
+    @property
+    def optimizer_steps(self) -> int:
+        return 0
+
+    def save(self, directory: Path) -> None:
+        pass
+
+    def load(self, directory: Path) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[torch.nn.Module]:
+        yield self.module
+
+
+class FrozenHandle(_Handle):
+    def __init__(self, spec: ModelSpec, device: torch.device, dtype: torch.dtype):
+        self.name, self.trainable = spec.name, False
+        module = spec.build()
+        module.requires_grad_(False)
+        self.module = module.to(device=device, dtype=dtype).eval()
+        self.net = self.module
+
+
+class TorchHandle(_Handle):
+    """Plain torch AdamW (optionally DDP across ranks): the launcher without DeepSpeed."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device, world_size: int):
+        self.name, self.trainable = spec.name, True
+        self.opt_config = spec.optimizer or OptimizerConfig()
+        self.module = spec.build().to(device).train()
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"model {spec.name!r}: trainable but has no parameter with requires_grad")
+        self.params = params
+        self.optimizer, self.scheduler = _optimizer(params, self.opt_config, device)
+        self.net = self.module
+        if world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(
+                self.module, device_ids=[device.index] if device.type == "cuda" else None)
+        self._steps = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> dict[str, float]:
+        clip = self.opt_config.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip else math.inf)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._steps += 1
+        return {"grad_norm": float(norm), "lr": float(lr)}
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self._steps
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "steps": self._steps},
+                   directory / "torch_state.pt")
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(directory / "torch_state.pt", map_location="cpu", weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._steps = int(state["steps"])
+
+
+class DeepSpeedHandle(_Handle):
+    """A DeepSpeed engine with a client AdamW (so no fused/cpu Adam op has to be compiled)."""
+
+    TAG = "engine"
+
+    def __init__(self, spec: ModelSpec, config: TrainConfig, device: torch.device):
+        import deepspeed
+
+        self.name, self.trainable = spec.name, True
+        self.opt_config = spec.optimizer or OptimizerConfig()
+        self.ds_config = deepspeed_config(config, spec)
+        self.stage = config.deepspeed.zero_stage
+        module = spec.build().train()
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"model {spec.name!r}: trainable but has no parameter with requires_grad")
+        optimizer, scheduler = _optimizer(params, self.opt_config, torch.device("cpu"))
+        engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler,
+            model_parameters=params, config=self.ds_config)
+        self.engine = engine
+        self.module = engine.module
+        self.net = engine
+        self.device = device
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> dict[str, float]:
+        norm = None
+        if self.stage == 0 and not self.ds_config["gradient_clipping"]:
+            # DeepSpeed only computes the norm when it clips (stage 0); grads are full here.
+            norm = _grad_norm(self.engine.module.parameters())
+        lr = self.engine.get_lr()[0]
+        self.engine.step()
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
+        if isinstance(norm, torch.Tensor):
+            norm = norm.item()
+        return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": float(lr)}
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    @property
+    def optimizer_steps(self) -> int:
+        return int(self.engine.global_steps)
+
+    def save(self, directory: Path) -> None:
+        # Collective: every rank writes its own partition files into its local directory;
+        # Ray Train merges the ranks' directories into one checkpoint.
+        self.engine.save_checkpoint(str(directory), tag=self.TAG)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag=self.TAG)
+        if path is None:
+            raise RuntimeError(f"model {self.name!r}: no DeepSpeed checkpoint under {directory}")
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[torch.nn.Module]:
+        if self.stage == 3:
+            import deepspeed
+
+            # Collective on all ranks; every rank then holds full parameters (read-only).
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                yield self.module
+        else:
+            yield self.module
+
+
+def _grad_norm(params) -> float:
+    total = 0.0
+    for p in params:
+        if p.grad is not None:
+            total += float(p.grad.detach().float().pow(2).sum())
+    return math.sqrt(total)
+
+
+def build_handles(specs: list[ModelSpec], config: TrainConfig, device: torch.device,
+                  world_size: int) -> dict[str, _Handle]:
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"objective model names must be unique, got {names}")
+    handles: dict[str, _Handle] = {}
+    for spec in specs:
+        if not spec.trainable:
+            handles[spec.name] = FrozenHandle(spec, device, frozen_dtype(config))
+        elif config.deepspeed.enabled:
+            handles[spec.name] = DeepSpeedHandle(spec, config, device)
+        else:
+            handles[spec.name] = TorchHandle(spec, device, world_size)
+    return handles
+
+
+@contextlib.contextmanager
+def all_gathered(handles: dict[str, _Handle]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for handle in handles.values():
+            stack.enter_context(handle.gathered())
+        yield

@@ -1,0 +1,223 @@
+"""Launchers: Ray Train (``TorchTrainer`` + DeepSpeed workers) or one local process, same loop.
+
+``launch(config)`` writes ``<run>/config.yaml``, checks the data, starts the workers and
+returns a :class:`RunResult`. The Ray launcher keeps checkpoints in Ray Train's storage
+(``<run>/checkpoints``, local or s3://) and restarts the worker group from the latest one
+when a worker dies (``train.max_failures``); a second launch of the same run name resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from fewstep import storage
+from fewstep.settings import Settings, get_settings
+from fewstep.storage import StorageOptions
+from trainer.objectives.base import resolve_objective
+from trainer.runtime.checkpoint import FolderStore, RayStore
+from trainer.runtime.config import TrainConfig
+from trainer.runtime.data import DataSource, LocalReader, open_source, ray_dataset
+from trainer.runtime.loop import FINAL_NAME, Payload, run_worker
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_NAME = "checkpoints"
+
+
+@dataclass
+class RunResult:
+    run_uri: str
+    final_uri: str | None
+    metrics: dict[str, Any]  # last reduced metrics (step, loss, ...)
+    checkpoint_uri: str | None = None
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda requested but torch sees no GPU; use device: cpu or auto")
+    return torch.device(name)
+
+
+def _data_source(config: TrainConfig, options: StorageOptions | None) -> DataSource:
+    cls = resolve_objective(config.objective_name())
+    return open_source(config.data, cls.data_kind, cls.columns, options)
+
+
+def _write_run_config(config: TrainConfig, run_uri: str, options: StorageOptions | None) -> None:
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    storage.makedirs(run_uri, options)
+    storage.write_bytes_atomic(storage.join(run_uri, "config.yaml"), text.encode(), options)
+
+
+def resolve_paths(config: TrainConfig) -> TrainConfig:
+    """Validate the objective section and make paths absolute on the driver.
+
+    Workers may run in another working directory; the objective's validators normalise its
+    paths, so the payload carries the validated, dumped objective config.
+    """
+    objective = config.objective_config()
+    body = {"name": config.objective_name(), **objective.model_dump(mode="json", by_alias=True)}
+    data = config.data
+    if data.uri:
+        data = data.model_copy(update={"uri": storage.normalize(data.uri)})
+    return config.model_copy(update={"objective": body, "data": data})
+
+
+def launch(config: TrainConfig, settings: Settings | None = None,
+           options: StorageOptions | None = None) -> RunResult:
+    """Run training as the config says. ``options``: S3 connection (default: from settings)."""
+    settings = settings or get_settings()
+    options = options if options is not None else settings.storage_options()
+    config = resolve_paths(config)
+    run_uri = config.run_uri(settings.runs_dir)
+    _write_run_config(config, run_uri, options)
+    ext_dir = str(settings.torch_extensions_dir) if settings.torch_extensions_dir else \
+        os.environ.get("TORCH_EXTENSIONS_DIR")
+    payload = Payload(config=config.model_dump(mode="json"), run_uri=run_uri, storage=options,
+                      torch_extensions_dir=ext_dir)
+    log.info("run %s: %s launcher, objective %s, %d steps", run_uri, config.launcher,
+             config.objective_name(), config.train.max_steps)
+    if config.launcher == "local":
+        return _launch_local(config, payload)
+    return _launch_ray(config, payload, settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Local: one process, no Ray (DeepSpeed optional)
+# ---------------------------------------------------------------------------------------------
+
+
+class LocalContext:
+    def __init__(self, config: TrainConfig, payload: Payload, device: torch.device):
+        self.rank, self.world_size, self.device = 0, 1, device
+        self.config = config
+        source = _data_source(config, payload.storage)
+        self.reader = LocalReader(source, payload.storage)
+        self.store = FolderStore(storage.join(payload.run_uri, CHECKPOINTS_NAME), payload.storage,
+                                 config.train.keep_checkpoints, Path(tempfile.gettempdir()))
+
+    def epoch_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        return self.reader.batches(self.config.train.batch_size, self.config.train.seed, epoch,
+                                   shuffle=self.config.train.shuffle_buffer > 0)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch_local(config: TrainConfig, payload: Payload) -> RunResult:
+    if payload.torch_extensions_dir:
+        os.environ["TORCH_EXTENSIONS_DIR"] = payload.torch_extensions_dir
+    device = _pick_device(config.device)
+    started_group = False
+    if config.deepspeed.enabled and not torch.distributed.is_initialized():
+        # DeepSpeed needs a process group, even of one.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        torch.distributed.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+        started_group = True
+    try:
+        ctx = LocalContext(config, payload, device)
+        ctx.store.work_dir.mkdir(parents=True, exist_ok=True)
+        metrics = run_worker(payload, ctx)
+    finally:
+        if started_group:
+            torch.distributed.destroy_process_group()
+    return RunResult(run_uri=payload.run_uri, final_uri=metrics.get("final_uri"), metrics=metrics,
+                     checkpoint_uri=storage.join(payload.run_uri, CHECKPOINTS_NAME))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Train
+# ---------------------------------------------------------------------------------------------
+
+
+class RayContext:
+    def __init__(self, config: TrainConfig):
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.config = config
+        self.shard = ray.train.get_dataset_shard("train")
+        self.store = RayStore()
+
+    def epoch_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        train = self.config.train
+        buffer = train.shuffle_buffer if train.shuffle_buffer > 0 else None
+        return iter(self.shard.iter_batches(
+            batch_size=train.batch_size, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=buffer,
+            local_shuffle_seed=(train.seed * 1000 + epoch) * 1000 + self.rank if buffer else None))
+
+
+def ray_worker_main(payload_dict: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker (module level so workers can import it)."""
+    payload = Payload(**payload_dict)
+    if payload.torch_extensions_dir:
+        os.environ["TORCH_EXTENSIONS_DIR"] = payload.torch_extensions_dir
+    config = TrainConfig.model_validate(payload.config)
+    if not config.scaling.use_gpu:
+        torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_worker(payload, RayContext(config))
+
+
+def _launch_ray(config: TrainConfig, payload: Payload, settings: Settings) -> RunResult:
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from fewstep.raysession import ray_init
+
+    ray_init(settings.ray_address, settings.ray_num_cpus)
+    source = _data_source(config, payload.storage)
+    dataset = ray_dataset(source, payload.storage)
+    fs, path = storage.pyarrow_filesystem(payload.run_uri, payload.storage)
+    scaling = config.scaling
+    trainer = TorchTrainer(
+        ray_worker_main,
+        train_loop_config=dataclasses.asdict(payload),
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}),
+        run_config=RunConfig(
+            name=CHECKPOINTS_NAME, storage_path=path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=config.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints)),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"training run {payload.run_uri} failed: {result.error}") from result.error
+    metrics = dict(result.metrics or {})
+    final_uri = storage.join(payload.run_uri, FINAL_NAME)
+    has_final = config.train.export and storage.exists(final_uri, payload.storage)
+    checkpoint_uri = None
+    if result.checkpoint is not None:
+        checkpoint_uri = result.checkpoint.path
+        if storage.is_s3(payload.run_uri):
+            checkpoint_uri = f"s3://{checkpoint_uri}"
+    return RunResult(run_uri=payload.run_uri, final_uri=final_uri if has_final else None,
+                     metrics=metrics, checkpoint_uri=checkpoint_uri)

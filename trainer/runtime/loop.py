@@ -1,0 +1,252 @@
+"""The training loop: one for every objective and both launchers (Ray Train worker or local).
+
+``run_worker`` builds the objective's models, wraps the trainable ones, restores the latest
+checkpoint, streams batches, calls ``objective.train_step`` until ``train.max_steps``,
+logs metrics, checkpoints every ``train.checkpoint_every`` steps and exports at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from fewstep import storage
+from fewstep.storage import StorageOptions
+from trainer.objectives.base import ObjectiveEnv, TrainState, resolve_objective
+from trainer.runtime.checkpoint import Position, read_checkpoint, write_checkpoint
+from trainer.runtime.config import TrainConfig
+from trainer.runtime.engines import all_gathered, build_handles, compute_dtype
+from trainer.runtime.metrics import MetricsLog, Progress
+
+log = logging.getLogger(__name__)
+
+FINAL_NAME = "final"
+
+
+@dataclass
+class Payload:
+    """Everything a worker needs; plain data so it pickles to Ray workers."""
+
+    config: dict[str, Any]
+    run_uri: str
+    storage: StorageOptions | None
+    torch_extensions_dir: str | None = None
+
+
+class WorkerContext(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+    store: Any  # RayStore | FolderStore
+
+    def epoch_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]: ...
+
+
+def _reduce_metrics(values: dict[str, float], world_size: int) -> dict[str, float]:
+    """Mean of each metric over the ranks that reported it (ranks may report different keys)."""
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return values
+    gathered: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, values)
+    keys = sorted({k for g in gathered for k in g})
+    out = {}
+    for key in keys:
+        items = [g[key] for g in gathered if key in g and g[key] is not None]
+        out[key] = float(sum(items) / len(items)) if items else float("nan")
+    return out
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _autocast_factory(config: TrainConfig, device: torch.device):
+    if config.train.precision == "bf16" and not config.deepspeed.enabled:
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _crash_hook(config: TrainConfig, rank: int, step: int) -> None:
+    """Fault injection for tests: one worker process dies once, abruptly, at a given step."""
+    testing = config.testing
+    if testing.crash_at_step != step or testing.crash_rank != rank or not testing.crash_marker:
+        return
+    marker = Path(testing.crash_marker)
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"rank {rank} exited at step {step} (pid {os.getpid()})\n")
+    log.warning("testing.crash_at_step: rank %d exits now at step %d", rank, step)
+    os._exit(1)
+
+
+def _export(objective, state: TrainState, handles: dict, payload: Payload, work_dir: Path) -> str:
+    final_uri = storage.join(payload.run_uri, FINAL_NAME)
+    with all_gathered(handles):
+        if state.rank == 0:
+            out = work_dir / FINAL_NAME
+            if out.exists():
+                shutil.rmtree(out)
+            objective.export(state, out)
+            if out.exists():
+                _publish_dir(out, final_uri, payload.storage)
+                log.info("exported %s", final_uri)
+    _barrier(state.world_size)
+    return final_uri
+
+
+def _publish_dir(local: Path, uri: str, options: StorageOptions | None) -> None:
+    if storage.is_s3(uri):
+        storage.delete(uri, options, recursive=True)
+        fs, path = storage.resolve(uri, options)
+        fs.put(str(local).rstrip("/") + "/", path, recursive=True)
+        return
+    target = Path(uri)
+    staging = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(local, staging)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+
+
+def run_worker(payload: Payload, ctx: WorkerContext) -> dict[str, Any]:
+    """The loop. Returns the last reduced metrics (every rank returns the same)."""
+    config = TrainConfig.model_validate(payload.config)
+    train = config.train
+    rank, world, device = ctx.rank, ctx.world_size, ctx.device
+    torch.manual_seed(train.seed * 7919 + rank)
+    work_dir = Path(tempfile.mkdtemp(prefix=f"fewstep-rank{rank}-"))
+    try:
+        return _run(config, payload, ctx, rank, world, device, work_dir)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, world: int,
+         device: torch.device, work_dir: Path) -> dict[str, Any]:
+    train = config.train
+    objective_cls = resolve_objective(config.objective_name())
+    env = ObjectiveEnv(rank=rank, world_size=world, device=device, storage=payload.storage,
+                       run_uri=payload.run_uri, data_uri=config.data.uri, work_dir=work_dir)
+    objective = objective_cls(config.objective_config(), env)
+    handles = build_handles(objective.model_specs(), config, device, world)
+    generator = torch.Generator().manual_seed(train.seed * 1_000_003 + rank)
+    state = TrainState(step=0, max_steps=train.max_steps, rank=rank, world_size=world, device=device,
+                       compute_dtype=compute_dtype(config), models=handles, generator=generator,
+                       autocast=_autocast_factory(config, device))
+    objective.setup(state)
+
+    position = Position()
+    with ctx.store.latest() as ckpt_dir:
+        if ckpt_dir is not None:
+            position, objective_state = read_checkpoint(ckpt_dir, rank=rank, handles=handles,
+                                                        generator=generator)
+            objective.load_state_dict(objective_state)
+            log.info("rank %d resumed from step %d (%s)", rank, position.step, ckpt_dir)
+    state.step = position.step
+
+    metrics_log = MetricsLog(payload.run_uri, payload.storage, work_dir, position.step) if rank == 0 else None
+    progress = Progress(train.progress and rank == 0, train.max_steps, position.step,
+                        f"{objective.describe()} (rank 0 of {world})")
+
+    stream = _batch_stream(ctx, position)
+    state.next_batch = lambda: objective.collate(next(stream), device)
+    window: dict[str, list[float]] = {}
+    window_start, window_steps = time.monotonic(), 0
+    last: dict[str, Any] = {"step": position.step}
+    try:
+        while state.step < train.max_steps:
+            rows = next(stream)
+            batch = objective.collate(rows, device)
+            values = objective.train_step(state, batch)
+            state.step += 1
+            position.step = state.step
+            window_steps += 1
+            for key, value in values.items():
+                window.setdefault(key, []).append(float(value))
+            if config.testing.step_sleep_s:
+                time.sleep(config.testing.step_sleep_s)
+            _crash_hook(config, rank, state.step)
+
+            is_log = state.step % train.log_every == 0 or state.step == train.max_steps
+            is_ckpt = state.step % train.checkpoint_every == 0 or state.step == train.max_steps
+            if not (is_log or is_ckpt):
+                continue
+            elapsed = max(time.monotonic() - window_start, 1e-9)
+            local = {k: float(np.mean(v)) for k, v in window.items()}
+            local["samples_per_s"] = window_steps * train.batch_size / elapsed
+            reduced = _reduce_metrics(local, world)
+            reduced["samples_per_s"] *= world  # every rank saw its own batches
+            reduced["steps_per_s"] = window_steps / elapsed
+            last = {"step": state.step, "epoch": position.epoch, "time": time.time(), **reduced}
+            progress.update(window_steps, reduced)
+            window, window_start, window_steps = {}, time.monotonic(), 0
+            if metrics_log is not None:
+                metrics_log.write(last)
+            ckpt_dir = None
+            if is_ckpt:
+                ckpt_dir = work_dir / f"ckpt-{state.step:08d}"
+                write_checkpoint(ckpt_dir, rank=rank, handles=handles,
+                                 objective_state=objective.state_dict(), position=position,
+                                 generator=generator)
+                if metrics_log is not None:
+                    metrics_log.flush()
+            ctx.store.report(_finite(last), ckpt_dir, state.step)
+            if ckpt_dir is not None:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+    finally:
+        progress.close()
+        if metrics_log is not None:
+            metrics_log.close()
+
+    objective.finalize(state)
+    if train.export:
+        last["final_uri"] = _export(objective, state, handles, payload, work_dir)
+    return last
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items()
+            if not (isinstance(v, float) and not math.isfinite(v))}
+
+
+def _batch_stream(ctx: WorkerContext, position: Position) -> Iterator[dict[str, np.ndarray]]:
+    """Endless batches, epoch after epoch, starting where ``position`` says; keeps it current.
+
+    On resume the consumed batches of the current epoch are skipped. Under Ray the order
+    within an epoch is not bit-identical across runs, so resume restores *how much* data was
+    seen, not which rows exactly.
+    """
+    first = True
+    while True:
+        skip = position.batch_in_epoch if first else 0
+        seen = 0
+        for index, rows in enumerate(ctx.epoch_batches(position.epoch)):
+            seen += 1
+            if index < skip:
+                continue
+            position.batch_in_epoch = index + 1
+            position.samples += len(next(iter(rows.values()))) if rows else 0
+            yield rows
+        if seen == 0:
+            raise ValueError(
+                "data: an epoch yielded no batch: each worker needs at least train.batch_size rows "
+                "(lower train.batch_size or scaling.num_workers, or add data)")
+        first = False
+        position.epoch += 1
+        position.batch_in_epoch = 0

@@ -1,0 +1,97 @@
+"""Metrics of a run: ``<run>/metrics.jsonl`` (one JSON object per logged step) and progress.
+
+Only rank 0 writes. On a local run folder lines are appended as they come; on S3 the file is
+kept in the worker's scratch folder and uploaded at each checkpoint and at the end. After a
+resume, lines past the restored step are dropped, so every step appears at most once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fewstep import storage
+from fewstep.storage import StorageOptions
+
+METRICS_NAME = "metrics.jsonl"
+
+
+class MetricsLog:
+    def __init__(self, run_uri: str, options: StorageOptions | None, work_dir: Path,
+                 resume_step: int) -> None:
+        self.uri = storage.join(run_uri, METRICS_NAME)
+        self.options = options
+        self.remote = storage.is_s3(self.uri)
+        self.path = work_dir / METRICS_NAME if self.remote else Path(self.uri)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        previous: list[str] = []
+        if self.remote and storage.exists(self.uri, options):
+            previous = storage.read_bytes(self.uri, options).decode("utf-8").splitlines()
+        elif not self.remote and self.path.exists():
+            previous = self.path.read_text().splitlines()
+        kept = [line for line in previous if line.strip() and _step_of(line) <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self._handle = self.path.open("a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(record, sort_keys=True, default=_jsonable) + "\n")
+
+    def flush(self) -> None:
+        self._handle.flush()
+        if self.remote:
+            storage.upload_file_atomic(self.path, self.uri, self.options)
+
+    def close(self) -> None:
+        self.flush()
+        self._handle.close()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62  # unreadable line: drop it
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def read_metrics(uri: str, options: StorageOptions | None = None) -> list[dict[str, Any]]:
+    """All records of a run's ``metrics.jsonl`` (``uri``: the run folder)."""
+    target = storage.join(uri, METRICS_NAME)
+    text = storage.read_bytes(target, options).decode("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+class Progress:
+    """A tqdm bar on rank 0 showing the step, the loss and samples/s; silent elsewhere."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, description: str) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=description, file=sys.stderr,
+                            mininterval=2.0, dynamic_ncols=True, unit="step")
+        self._last = time.monotonic()
+
+    def update(self, steps: int, metrics: dict[str, Any] | None = None) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(steps)
+        if metrics:
+            shown = {k: f"{v:.4g}" for k, v in metrics.items()
+                     if k in ("loss", "samples_per_s") and isinstance(v, float) and math.isfinite(v)}
+            self.bar.set_postfix(shown, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

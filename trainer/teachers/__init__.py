@@ -1,0 +1,1 @@
+"""Teacher recipes: where a teacher run starts (tiny preset or a pipeline dir)."""
