@@ -59,15 +59,18 @@ def read_shards(uri: str, storage: StorageOptions | None = None, columns: Sequen
         raise contract.ContractError("manifest", "shards", "at least one non-empty shard", manifest["shards"])
     fs, _ = _fs(uri, storage)
     _check_columns(fs, paths[0], columns)
-    kwargs: dict[str, Any] = {}
     if tasks is not None:
-        import pyarrow.dataset as pads
-
         unknown = set(tasks) - set(contract.TASKS)
         if unknown:
             raise ValueError(f"tasks: {sorted(unknown)} are not tasks; use some of {contract.TASKS}")
-        kwargs["filter"] = pads.field("task").isin(list(tasks))
-    return ray.data.read_parquet(paths, filesystem=fs, columns=list(columns) if columns else None, **kwargs)
+    ds = ray.data.read_parquet(paths, filesystem=fs)
+    if tasks is not None:
+        from ray.data.expressions import col
+
+        ds = ds.filter(expr=col("task").is_in(list(tasks)))  # pushed down into the Parquet scan
+    if columns:
+        ds = ds.select_columns(list(columns))
+    return ds
 
 
 def _fs(uri: str, options: StorageOptions | None):

@@ -1,9 +1,132 @@
-"""CLI commands of the trainer (distill)."""
+"""``fewstep distill``, ``fewstep eval`` and ``fewstep demo``."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import typer
 
 
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
+def distill(
+    config: Path = typer.Option(..., "--config", "-c", help="Run config, e.g. configs/distill/base.yaml."),
+    data: str = typer.Option(None, "--data", help="Shards dataset URI (overrides data.uri)."),
+    name: str = typer.Option(None, "--name", help="Run name (overrides run.name)."),
+    steps: int = typer.Option(None, "--steps", help="Iterations (overrides train.max_steps)."),
+    launcher: str = typer.Option(None, "--launcher", help="ray (Ray Train + DeepSpeed) or local."),
+    set_: list[str] = typer.Option([], "--set", help="Any config key: --set objective.fake_updates=3 "
+                                   "(repeatable; values are YAML)."),
+) -> None:
+    """DMD distillation of a few-step student from frozen teacher(s).
+
+    Student and fake score start from the base teacher; each iteration updates the fake score
+    objective.fake_updates times (flow matching on the student's samples), then the student
+    once (DMD with backward simulation; real score = step-wise lambda mix of the teachers with
+    CFG). Metrics go to <run>/metrics.jsonl, the student to <run>/final (a diffusers pipeline
+    directory: QwenImagePipeline.from_pretrained(...) with num_inference_steps=4,
+    true_cfg_scale=1). Rerunning the same run name resumes from its last checkpoint.
+
+    Example: fewstep distill --config configs/distill/base.yaml --data runs/demo/shards
+    """
+    from fewstep.config import ConfigError
+    from fewstep.settings import get_settings
+    from trainer.runtime.config import load_train_config, parse_overrides
+    from trainer.runtime.launch import launch
+
+    try:
+        overrides = parse_overrides(set_)
+        for key, value in (("data.uri", data), ("run.name", name), ("train.max_steps", steps),
+                           ("launcher", launcher)):
+            if value is not None:
+                overrides[key] = value
+        cfg = load_train_config(config, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if cfg.objective_name() != "dmd":
+        _fail(f"{config}: objective.name is {cfg.objective_name()!r}; fewstep distill runs 'dmd' "
+              "(use fewstep train-teacher for flow matching)")
+    try:
+        result = launch(cfg, get_settings())
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    typer.echo(json.dumps({"run": result.run_uri, "final": result.final_uri, "metrics": metrics}, indent=2))
+
+
+def evaluate(
+    config: Path = typer.Option(..., "--config", "-c", help="Eval config, e.g. configs/eval/mini.yaml."),
+    out: str = typer.Option(..., "--out", help="Report folder URI (local path or s3://)."),
+    set_: list[str] = typer.Option([], "--set", help="Any config key, e.g. --set cases_per_category=2."),
+) -> None:
+    """Sample t2i-bench-mini and editing-bench-mini with any models and judge them.
+
+    Teachers default to 80 NFE with CFG 4, students to their exported steps without CFG; any
+    model may set nfe, guidance_scale and shift. Runs as a Ray Data job (FEWSTEP_RAY_ADDRESS to
+    join a cluster). Writes report.json/report.md, tables/<bench>.md|csv (per category, with
+    NFE, network calls and seconds per image), cases/<model>/<bench>.jsonl (per case) and
+    grids/<bench>/<category>.png.
+
+    Example: fewstep eval --config configs/eval/mini.yaml --out runs/eval-mini
+    """
+    from fewstep.config import ConfigError, load_config
+    from fewstep.settings import get_settings
+    from trainer.evaluate.config import EvalConfig
+    from trainer.evaluate.run import run_eval
+    from trainer.runtime.config import parse_overrides
+
+    try:
+        cfg = load_config(EvalConfig, config, parse_overrides(set_))
+    except ConfigError as exc:
+        _fail(str(exc))
+    settings = get_settings()
+    try:
+        report = run_eval(cfg, out, settings.storage_options(), settings.ray_address)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    from trainer.evaluate.report import bench_table
+
+    for bench in cfg.benches:
+        typer.echo(f"\n{bench}\n" + bench_table(bench, report["models"]))
+    typer.echo(f"report: {report['output']}/report.md")
+
+
+def demo(
+    config: Path = typer.Option(None, "--config", "-c", help="Demo config (default: "
+                                "configs/demo/default.yaml): corpus, teacher, storage, Ray address."),
+    out: str = typer.Option(None, "--out", help="Run folder (overrides run_dir)."),
+    set_: list[str] = typer.Option([], "--set", help="Any config key, e.g. --set distill.steps=20."),
+) -> None:
+    """The main job end to end on this machine: corpus -> curate -> precompute -> distill -> eval.
+
+    Builds the small corpus (or uses --config's), curates it to a composition, precomputes
+    with the shipped base teacher, distills a 4-step student on a short budget, evaluates the
+    teacher (80 NFE, CFG) and the student (4 NFE) on the mini benches and prints the
+    teacher-vs-student table. Writes <run>/summary.json. No network needed.
+    """
+    from fewstep.config import ConfigError
+    from trainer.demo import DemoError, load_demo_config, run_demo
+
+    try:
+        from trainer.runtime.config import parse_overrides
+
+        cfg = load_demo_config(config, parse_overrides(set_))
+    except ConfigError as exc:
+        _fail(str(exc))
+    if out:
+        cfg = cfg.model_copy(update={"run_dir": out})
+    try:
+        run_demo(cfg)
+    except DemoError as exc:
+        _fail(str(exc))
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the main app."""
+    app.command("distill")(distill)
+    app.command("eval")(evaluate)
+    app.command("demo")(demo)

@@ -37,7 +37,8 @@ class TeacherSpec(StrictModel):
     path: str = Field(..., min_length=1, description="Pipeline directory or URI of the teacher.")
     specialises: list[str] = Field(
         default_factory=list,
-        description="Categories this teacher is specialised for (empty: a base/general teacher).",
+        description="Categories this teacher is specialised for (empty: a base/general teacher); "
+        "'t2i:text' names one task's category only, 'text' both tasks'.",
     )
     guidance_scale: float | None = Field(
         None, ge=1.0, description="CFG scale for this teacher (None: the objective's default)."
@@ -128,10 +129,8 @@ def preset_rows(cfg: GuidanceConfig, num_steps: int, categories: list[str]) -> d
             f"guidance.anchor_steps: {anchor} is more than the student's {num_steps} steps; "
             f"use at most {num_steps}"
         )
-    for category in categories:
-        spec = specialist_of.get(category)
-        if spec is None:
-            continue
+    # One table per specialised key ("text" or "t2i:text"); other categories use the default.
+    for category, spec in specialist_of.items():
         if cfg.preset == "specialist":
             table[category] = [one_hot(spec)] * num_steps
             continue
@@ -183,10 +182,16 @@ class LambdaTable:
         return cls(weights, teachers, keys)
 
     def category_index(self, categories: list[str]) -> torch.Tensor:
-        default = self._index[DEFAULT_KEY] if DEFAULT_KEY in self._index else None
+        """Table column per sample. A name ``task:category`` (``t2i:text``) uses its own table if
+        there is one, else the plain category's (``text``), else ``default``."""
+        default = self._index.get(DEFAULT_KEY)
         out = []
         for category in categories:
-            index = self._index.get(category, default)
+            index = self._index.get(category)
+            if index is None and ":" in category:
+                index = self._index.get(category.split(":", 1)[1])
+            if index is None:
+                index = default
             if index is None:
                 raise GuidanceError(
                     f"category {category!r} has no lambda table and there is no '{DEFAULT_KEY}'"

@@ -24,13 +24,11 @@ def build(
     t2i_per_category: int = typer.Option(None, "--t2i-per-category", help="Override the preset's count."),
     edit_per_category: int = typer.Option(None, "--edit-per-category", help="Override the preset's count."),
 ) -> None:
-    """Render the tiny world: T2I categories portrait, landscape, text (equal counts) and edit
-    categories scene, enhancement, object, text, identity, style (equal counts).
+    """Build a raw T2I + edit corpus: emoji and words rendered from fonts on this machine.
 
-    Writes OUT/t2i/part-*.parquet (raw T2I contract), OUT/edit/part-*.parquet (raw edit
-    contract) and OUT/corpus.json last. Combinations reserved for the mini benches are never
-    emitted. Needs the Debian packages fonts-noto-color-emoji, unicode-data, fonts-dejavu,
-    fonts-liberation and fonts-freefont-ttf.
+    T2I categories portrait, landscape, text and edit categories scene, enhancement, object, text, identity, style, each with equal counts. Prompts state the subject, background colour, position, size and count (text: word, font, colour), so prompt following is measurable.
+
+    Writes OUT/t2i/part-*.parquet (raw T2I contract), OUT/edit/part-*.parquet (raw edit contract) and OUT/corpus.json last. Combinations reserved for the mini benches are never emitted. Needs the Debian packages fonts-noto-color-emoji, unicode-data, fonts-dejavu, fonts-liberation and fonts-freefont-ttf.
 
     Example: fewstep corpus build --out runs/corpus --preset standard --seed 0
     """
@@ -59,9 +57,9 @@ def bench_refs(
     sources: bool = typer.Option(False, "--sources/--no-sources",
                                  help="Also write edit sources as OUT/sources/<case_id>.png."),
 ) -> None:
-    """Write the real reference images of a bench as OUT/<case_id>.png: the true render of
-    each T2I prompt, or the ground-truth target of each edit. This directory is the
-    "upper bound" generator for the judges.
+    """Write a bench's real reference images as OUT/<case_id>.png.
+
+    Each is the true render of a T2I prompt, or the ground-truth target of an edit: the "upper bound" generator for the judges.
     """
     from fewstep import storage
     from fewstep.bench import world
@@ -88,8 +86,10 @@ def bad_inputs(
     out: str = typer.Option(..., "--out", help="Output directory URI."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Write the bad-input fixtures (corrupt, truncated, oversized, duplicate, non-UTF-8, ...)
-    as Parquet and JSONL, plus expected.json mapping each id to its expected outcome."""
+    """Write bad raw inputs for data-engine tests, with expected.json.
+
+    Corrupt, truncated, zero-byte, extreme-aspect, oversized-header, non-UTF-8, empty and duplicate records as Parquet and JSONL; expected.json lists each case's expected reject reason (or keep).
+    """
     from fewstep.bench.badinputs import write_bad_inputs
     from fewstep.settings import get_settings
 

@@ -35,6 +35,18 @@ Edit meta (``meta`` of a raw edit record and of an editing-bench case):
 Bench hold-out: ``is_reserved(combo_key(attrs))`` (T2I) and ``is_reserved(edit_key(meta))``
 (edits) select the combinations kept for the mini benches; ``fewstep corpus build`` never
 emits them.
+
+API (stable): ``make_attrs(category, subject=..., background=..., position=..., size=...,
+count=..., skin_tone=..., text=..., font=..., text_color=..., companion=..., style=...,
+degradation=...)`` -> attrs; ``render_t2i(attrs, resolution)`` -> PIL RGB;
+``render_edit_pair(meta, resolution)`` -> (source, target); ``layout(attrs, resolution)`` ->
+boxes; ``scene_meta(attrs, resolution)``; ``apply_style(image, style)``;
+``degrade(image, degradation)``; ``png_bytes(image)``; vocabulary tables ``SUBJECTS``
+(``PORTRAIT``, ``LANDSCAPE``), ``COMPANIONS``, ``WORDS``, ``FONTS``, ``COLORS``,
+``BACKGROUNDS``, ``TEXT_COLORS``, ``POSITIONS``, ``SIZES``, ``COUNTS``, ``SKIN_TONES``,
+``STYLES``, ``EDIT_OPERATIONS``; ``readable(text_color, background)``; ``vocabulary()`` /
+``vocabulary_hash()``. To train a recogniser, render each subject with ``make_attrs`` over
+random backgrounds, positions and sizes (fixed backgrounds teach the background instead).
 """
 
 from __future__ import annotations

@@ -265,6 +265,8 @@ class QwenImageAdapter:
     def _velocity_tokens(self, transformer, latents, t, embeds: PromptEmbeds, source_latents=None):
         """Packed velocity tokens [B, N, 4C] for the noisy latents only."""
         b, _, h, w = latents.shape
+        if getattr(transformer.config, "guidance_embeds", False):
+            raise NotImplementedError("guidance-distilled transformers (guidance_embeds=True) are not supported")
         param = next(transformer.parameters())
         tokens = pack_latents(latents.to(param.dtype))
         shapes = [(1, h // 2, w // 2)]
@@ -369,7 +371,10 @@ class QwenImageAdapter:
 
         config = dict(self.scheduler_config)
         if scheduler_shift is not None:
-            config.update(shift=float(scheduler_shift), use_dynamic_shifting=False)
+            # Everything that would make diffusers' schedule differ from `sigmas()` is switched off.
+            config.update(shift=float(scheduler_shift), use_dynamic_shifting=False, shift_terminal=None,
+                          use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+                          invert_sigmas=False, stochastic_sampling=False)
         parts: dict[str, Any] = {"scheduler": FlowMatchEulerDiscreteScheduler.from_config(config)}
         loaded = {"transformer": transformer or self.transformer, "vae": self.vae, "text_encoder": self.text_encoder,
                   "tokenizer": self.tokenizer if self.text_encoder is not None else None,

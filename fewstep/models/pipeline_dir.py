@@ -10,9 +10,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,8 @@ class NotAPipelineError(ValueError):
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("FEWSTEP_MODEL_CACHE", Path.home() / ".cache" / "fewstep" / "models"))
+    """Where S3 pipelines are cached unless ``cache_dir`` is passed (keyed by URI hash)."""
+    return Path.home() / ".cache" / "fewstep" / "models"
 
 
 class PipelineDir:
@@ -87,21 +88,40 @@ class PipelineDir:
         uri = storage.join(self.uri, FEWSTEP_META)
         return storage.read_json(uri, self.options) if storage.exists(uri, self.options) else {}
 
+    def _remote_listing(self, component: str) -> dict[str, list]:
+        fs, path = storage.resolve(storage.join(self.uri, component), self.options)
+        found = fs.find(path, detail=True)
+        if not found:
+            raise NotAPipelineError(f"{self.uri}/{component} is empty: the pipeline directory is incomplete")
+        return {name[len(path):].lstrip("/"): _listing_entry(info) for name, info in sorted(found.items())}
+
     def component_path(self, component: str) -> Path:
         """Local folder of ``component``, downloading it first when the pipeline is on S3."""
         if not self.has(component):
             raise NotAPipelineError(f"{self.uri} has no {component!r} component (model_index.json)")
         local = self.local / component
         if storage.is_s3(self.uri):
-            marker = local / ".complete"
-            if not marker.exists():
-                if local.exists():
-                    shutil.rmtree(local)
-                storage.download_dir(storage.join(self.uri, component), local, self.options)
-                marker.write_text("ok\n")
+            # One cache folder per remote version (names, sizes, ETags), filled in a temporary folder
+            # and renamed: concurrent loaders on one machine never see a partial download.
+            listing = json.dumps(self._remote_listing(component), sort_keys=True)
+            local = self.local / f"{component}-{hashlib.sha256(listing.encode()).hexdigest()[:16]}"
+            if not (local / ".complete").exists():
+                tmp = self.local / f".{local.name}.tmp-{uuid.uuid4().hex}"
+                storage.download_dir(storage.join(self.uri, component), tmp, self.options)
+                (tmp / ".complete").write_text(listing)
+                try:
+                    tmp.rename(local)
+                except OSError:  # another process finished first
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    if not (local / ".complete").exists():
+                        raise
         elif not local.is_dir():
             raise NotAPipelineError(f"{local} is missing: the pipeline directory is incomplete")
         return local
+
+
+def _listing_entry(info: dict) -> list:
+    return [int(info.get("size") or 0), str(info.get("ETag") or info.get("etag") or "")]
 
 
 def _save_model(model, path: Path, dtype) -> None:

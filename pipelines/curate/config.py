@@ -41,7 +41,7 @@ class ReadConfig(StrictModel):
         default_factory=lambda: [".parquet", ".jsonl", ".tar"],
         description="File suffixes picked up when an input is a directory (.json is left out: corpus "
                     "folders hold manifests; pass a .json file of records explicitly).")
-    rows_per_block: int = Field(256, ge=1, description="Rows per block a reader task yields.")
+    rows_per_block: int = Field(64, ge=1, description="Rows per block after reading (the unit of parallelism).")
 
 
 class ImageFilterConfig(StrictModel):
@@ -63,6 +63,9 @@ class DedupConfig(StrictModel):
     near_image: bool = True
     near_image_distance: int = Field(
         4, ge=0, le=32, description="Max Hamming distance of 64-bit perceptual hashes for a near duplicate.")
+    near_image_max_cell_diff: int = Field(
+        10, ge=0, le=255,
+        description="And the 8x8 colour thumbnails may differ by at most this much in any cell (0-255).")
     exact_prompt: bool = True
     near_prompt: bool = True
     ids: bool = True

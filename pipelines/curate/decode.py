@@ -29,6 +29,7 @@ class Decoded:
     png: bytes
     sha: str
     phash: int
+    thumb: bytes
     size: tuple[int, int]
 
 
@@ -103,6 +104,24 @@ def hamming(a: int, b: int) -> int:
     return ((a ^ b) & 0xFFFFFFFFFFFFFFFF).bit_count()
 
 
+THUMB_SIDE = 8
+
+
+def thumbnail(img: Image.Image) -> bytes:
+    """8x8 RGB box-filtered thumbnail (192 bytes).
+
+    The DCT hash is grayscale and coarse: two small subjects at the same place on flat
+    backgrounds of similar luminance hash alike. A near duplicate must also match this
+    colour thumbnail cell by cell (see ``thumb_distance``).
+    """
+    return np.asarray(img.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX), dtype=np.uint8).tobytes()
+
+
+def thumb_distance(a: bytes, b: bytes) -> int:
+    """Largest per-cell, per-channel difference of two thumbnails (0..255)."""
+    return int(np.abs(np.frombuffer(a, np.uint8).astype(np.int16) - np.frombuffer(b, np.uint8)).max())
+
+
 def decode_image(data: bytes | None, limits: ImageFilterConfig) -> Decoded:
     """Check and normalise one encoded image; raises ImageReject with the contract reason."""
     if data is None or len(data) == 0:
@@ -143,7 +162,7 @@ def decode_image(data: bytes | None, limits: ImageFilterConfig) -> Decoded:
     sha = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + pixels.tobytes()).hexdigest()
     out = io.BytesIO()
     rgb.save(out, format="PNG", compress_level=3)
-    return Decoded(png=out.getvalue(), sha=sha, phash=phash(rgb), size=rgb.size)
+    return Decoded(png=out.getvalue(), sha=sha, phash=phash(rgb), thumb=thumbnail(rgb), size=rgb.size)
 
 
 def check_images(row: dict, limits: ImageFilterConfig, identical_pair: bool) -> dict:
@@ -153,10 +172,12 @@ def check_images(row: dict, limits: ImageFilterConfig, identical_pair: bool) -> 
     try:
         if row["task"] == "edit":
             source = decode_image(row["source_image"], limits)
-            row["source_image"], row["source_sha"], row["source_phash"] = source.png, source.sha, source.phash
+            row["source_image"], row["source_sha"] = source.png, source.sha
+            row["source_phash"], row["source_thumb"] = source.phash, source.thumb
         if row["image"] is not None:
             target = decode_image(row["image"], limits)
-            row["image"], row["image_sha"], row["image_phash"] = target.png, target.sha, target.phash
+            row["image"], row["image_sha"] = target.png, target.sha
+            row["image_phash"], row["image_thumb"] = target.phash, target.thumb
     except ImageReject as exc:
         which = "source_image" if row["task"] == "edit" and row["source_sha"] is None else "image"
         return reject(row, STAGE, exc.reason, f"{which}: {exc.detail}")

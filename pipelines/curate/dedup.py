@@ -9,7 +9,9 @@ a larger deployment would shard the same logic by hash prefix (a groupby on the 
 Keys: T2I images by their own hashes; an edit by its (source, target) pair, and its prompt
 together with its source image (the same instruction on different images is not a duplicate).
 Near-duplicate images: 64-bit perceptual hashes within ``near_image_distance`` bits, found with a
-multi-index (split into distance + 1 bands: by pigeonhole two hashes that close share a band).
+multi-index (split into distance + 1 bands: by pigeonhole two hashes that close share a band),
+then confirmed on 8x8 colour thumbnails (every cell within ``near_image_max_cell_diff``): the
+grayscale hash alone calls two different small subjects on flat backgrounds alike.
 Near-duplicate prompts: equal after case-folding, dropping punctuation and collapsing whitespace.
 """
 
@@ -19,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from pipelines.curate.config import DedupConfig
-from pipelines.curate.decode import hamming
+from pipelines.curate.decode import hamming, thumb_distance
 from pipelines.curate.text import prompt_key
 
 STAGE = "dedup"
@@ -33,30 +35,34 @@ class Decision:
 
 
 class NearIndex:
-    """Hashes within ``distance`` bits: multi-index hashing over ``distance + 1`` bands."""
+    """Hashes within ``distance`` bits (multi-index hashing over ``distance + 1`` bands) whose
+    thumbnails also agree within ``max_cell_diff``."""
 
-    def __init__(self, distance: int):
+    def __init__(self, distance: int, max_cell_diff: int = 255):
         self.distance = distance
+        self.max_cell_diff = max_cell_diff
         bands = distance + 1
         width = 64 // bands
         self.bands = [(i * width, 64 if i == bands - 1 else (i + 1) * width) for i in range(bands)]
-        self.tables: list[dict[int, list[tuple[tuple[int, ...], str]]]] = [defaultdict(list) for _ in self.bands]
+        self.tables: list[dict[int, list[tuple[tuple[int, ...], tuple[bytes, ...], str]]]] = [
+            defaultdict(list) for _ in self.bands]
 
     def _band_keys(self, value: int) -> list[int]:
         unsigned = value & 0xFFFFFFFFFFFFFFFF
         return [(unsigned >> lo) & ((1 << (hi - lo)) - 1) for lo, hi in self.bands]
 
-    def find(self, hashes: tuple[int, ...]) -> str | None:
-        """The owner of a stored entry whose every hash is within the distance, or None."""
+    def find(self, hashes: tuple[int, ...], thumbs: tuple[bytes, ...]) -> str | None:
+        """The owner of a stored entry whose every image is near, or None."""
         for table, key in zip(self.tables, self._band_keys(hashes[0])):
-            for stored, owner in table.get(key, ()):
-                if all(hamming(a, b) <= self.distance for a, b in zip(stored, hashes)):
+            for stored, stored_thumbs, owner in table.get(key, ()):
+                if all(hamming(a, b) <= self.distance for a, b in zip(stored, hashes)) and all(
+                        thumb_distance(a, b) <= self.max_cell_diff for a, b in zip(stored_thumbs, thumbs)):
                     return owner
         return None
 
-    def add(self, hashes: tuple[int, ...], owner: str) -> None:
+    def add(self, hashes: tuple[int, ...], thumbs: tuple[bytes, ...], owner: str) -> None:
         for table, key in zip(self.tables, self._band_keys(hashes[0])):
-            table[key].append((hashes, owner))
+            table[key].append((hashes, thumbs, owner))
 
 
 def find_duplicates(rows: list[dict], cfg: DedupConfig) -> dict[int, Decision]:
@@ -64,7 +70,8 @@ def find_duplicates(rows: list[dict], cfg: DedupConfig) -> dict[int, Decision]:
     decisions: dict[int, Decision] = {}
     seen_ids: dict[str, str] = {}
     exact_images: dict[tuple, str] = {}
-    near_images: dict[str, NearIndex] = defaultdict(lambda: NearIndex(cfg.near_image_distance))
+    near_images: dict[str, NearIndex] = defaultdict(
+        lambda: NearIndex(cfg.near_image_distance, cfg.near_image_max_cell_diff))
     exact_prompts: dict[tuple, str] = {}
     near_prompts: dict[tuple, str] = {}
     for row in sorted(rows, key=lambda r: r["order"]):
@@ -72,12 +79,15 @@ def find_duplicates(rows: list[dict], cfg: DedupConfig) -> dict[int, Decision]:
         label = f"{rid!r} ({row['input']})" if row.get("input") else repr(rid)
         if task == "edit":
             image_key = (row["source_sha"], row["image_sha"])
-            phashes = (row["source_phash"],) + ((row["image_phash"],) if row["image_phash"] is not None else ())
+            with_target = row["image_phash"] is not None
+            phashes = (row["source_phash"],) + ((row["image_phash"],) if with_target else ())
+            thumbs = (row["source_thumb"],) + ((row["image_thumb"],) if with_target else ())
             has_image = row["source_sha"] is not None
             prompt_scope = (task, row["source_sha"])
         else:
             image_key = (row["image_sha"],)
             phashes = (row["image_phash"],)
+            thumbs = (row["image_thumb"],)
             has_image = row["image_sha"] is not None
             prompt_scope = (task,)
         near_key = f"{task}:{len(phashes)}"
@@ -87,7 +97,7 @@ def find_duplicates(rows: list[dict], cfg: DedupConfig) -> dict[int, Decision]:
             decision = Decision(STAGE, "duplicate_id", f"id seen before in {seen_ids[rid]}")
         elif cfg.exact_image and has_image and (task, image_key) in exact_images:
             decision = Decision(STAGE, "duplicate_image", f"same pixels as {exact_images[(task, image_key)]}")
-        elif cfg.near_image and has_image and (owner := near_images[near_key].find(phashes)) is not None:
+        elif cfg.near_image and has_image and (owner := near_images[near_key].find(phashes, thumbs)) is not None:
             decision = Decision(STAGE, "near_duplicate_image",
                                 f"perceptual hash within {cfg.near_image_distance} bits of {owner}")
         elif cfg.exact_prompt and (prompt_scope, prompt) in exact_prompts:
@@ -101,7 +111,7 @@ def find_duplicates(rows: list[dict], cfg: DedupConfig) -> dict[int, Decision]:
         seen_ids.setdefault(rid, label)
         if has_image:
             exact_images.setdefault((task, image_key), label)
-            near_images[near_key].add(phashes, label)
+            near_images[near_key].add(phashes, thumbs, label)
         exact_prompts.setdefault((prompt_scope, prompt), label)
         near_prompts.setdefault((prompt_scope, prompt_key(prompt)), label)
     return decisions

@@ -35,6 +35,12 @@ class InputFile:
     uri: str
     input_index: int
     file_index: int
+    label: str = ""  # name relative to the input's parent ("corpus/t2i/part-00000.parquet"): refs
+    # in rejects and curated meta use it, so a local and an S3 copy of a corpus give equal outputs
+
+    @property
+    def ref(self) -> str:
+        return self.label or self.uri
 
 
 def list_inputs(inputs: list[str], extensions: list[str], options: StorageOptions | None) -> list[InputFile]:
@@ -47,6 +53,7 @@ def list_inputs(inputs: list[str], extensions: list[str], options: StorageOption
         fs, path = storage.resolve(uri, options)
         if not fs.exists(path):
             raise InputError(f"--input {uri}: not found (check the path, or the S3 endpoint and bucket)")
+        parent = posixpath.dirname(uri.rstrip("/"))
         if fs.isdir(path):
             found = [f for f in storage.list_files(uri, options=options)
                      if any(f.endswith(ext) for ext in extensions)
@@ -55,7 +62,7 @@ def list_inputs(inputs: list[str], extensions: list[str], options: StorageOption
                 raise InputError(f"--input {uri}: no files ending in {extensions} under it")
         else:
             found = [uri]
-        files.extend(InputFile(f, input_index, i) for i, f in enumerate(found))
+        files.extend(InputFile(f, input_index, i, posixpath.relpath(f, parent)) for i, f in enumerate(found))
     return files
 
 
@@ -64,7 +71,7 @@ def _base_dir(uri: str) -> str:
 
 
 def _file_reject(file: InputFile, row_index: int, reason: str, detail: str, ref: str | None = None) -> dict:
-    row = new_row(order=order_key(file.input_index, file.file_index, row_index), input=ref or file.uri)
+    row = new_row(order=order_key(file.input_index, file.file_index, row_index), input=ref or file.ref)
     return reject(row, STAGE, reason, detail)
 
 
@@ -98,11 +105,11 @@ def _read_parquet(file: InputFile, handle, options: StorageOptions | None) -> It
         except Exception as exc:  # noqa: BLE001
             for _ in range(declared):
                 yield _file_reject(file, row_index, "malformed_row",
-                                   f"row group {group} unreadable: {exc}", f"{file.uri}#row={row_index}")
+                                   f"row group {group} unreadable: {exc}", f"{file.ref}#row={row_index}")
                 row_index += 1
             continue
         for record in table.to_pylist():
-            ref = f"{file.uri}#row={row_index}"
+            ref = f"{file.ref}#row={row_index}"
             order = order_key(file.input_index, file.file_index, row_index)
             if kind is None:
                 yield _schema_reject(record, order, ref, sorted(names))
@@ -131,7 +138,7 @@ def _read_jsonl(file: InputFile, handle, options: StorageOptions | None) -> Iter
     for line_no, raw in enumerate(handle, start=1):
         if not raw.strip():
             continue
-        ref = f"{file.uri}#line={line_no}"
+        ref = f"{file.ref}#line={line_no}"
         order = order_key(file.input_index, file.file_index, row_index)
         row_index += 1
         # surrogateescape keeps non-UTF-8 bytes visible to the field checks instead of failing the line.
@@ -156,7 +163,7 @@ def _read_json(file: InputFile, handle, options: StorageOptions | None) -> Itera
     base_dir = _base_dir(file.uri)
     for index, record in enumerate(records):
         yield parse_record(record, order=order_key(file.input_index, file.file_index, index),
-                           input_ref=f"{file.uri}#item={index}", base_dir=base_dir, options=options)
+                           input_ref=f"{file.ref}#item={index}", base_dir=base_dir, options=options)
 
 
 # -- WebDataset tars ---------------------------------------------------------------------------
@@ -199,7 +206,7 @@ def _read_tar(file: InputFile, handle, options: StorageOptions | None) -> Iterat
     def emit(key: str, members: dict[str, bytes]) -> dict:
         nonlocal row_index
         order = order_key(file.input_index, file.file_index, row_index)
-        ref = f"{file.uri}#sample={key}"
+        ref = f"{file.ref}#sample={key}"
         row_index += 1
         try:
             record = _sample_to_record(key, members)
@@ -227,7 +234,7 @@ def _read_tar(file: InputFile, handle, options: StorageOptions | None) -> Iterat
     except (tarfile.TarError, OSError, EOFError) as exc:
         # The sample in progress is incomplete: reject it with the file's error.
         yield _file_reject(file, row_index, "malformed_row", f"tar unreadable after {row_index} samples: {exc}",
-                           f"{file.uri}#sample={key}")
+                           f"{file.ref}#sample={key}")
         return
     if key is not None:
         yield emit(key, members)
@@ -261,7 +268,7 @@ def iter_file_rows(file: InputFile, options: StorageOptions | None) -> Iterator[
 def read_files_batch(batch: pa.Table, options: StorageOptions | None, rows_per_block: int) -> Iterator[pa.Table]:
     """``map_batches`` function: a batch of file descriptors -> blocks of working rows."""
     for item in batch.to_pylist():
-        file = InputFile(item["uri"], item["input_index"], item["file_index"])
+        file = InputFile(item["uri"], item["input_index"], item["file_index"], item["label"])
         chunk: list[dict] = []
         for row in iter_file_rows(file, options):
             chunk.append(row)
@@ -276,7 +283,12 @@ def read_inputs(files: list[InputFile], options: StorageOptions | None, rows_per
     """A Ray dataset of working rows, one read task per file."""
     import ray.data
 
-    items = [{"uri": f.uri, "input_index": f.input_index, "file_index": f.file_index} for f in files]
+    items = [{"uri": f.uri, "input_index": f.input_index, "file_index": f.file_index, "label": f.label}
+             for f in files]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    return ds.map_batches(read_files_batch, fn_kwargs={"options": options, "rows_per_block": rows_per_block},
-                          batch_size=1, batch_format="pyarrow", num_cpus=0.5)
+    # num_cpus differs from the next operator's on purpose: fused, Ray would bundle many files
+    # into one task; the streaming repartition then cuts big files into blocks that later
+    # operators (and actors) process in parallel.
+    ds = ds.map_batches(read_files_batch, fn_kwargs={"options": options, "rows_per_block": rows_per_block},
+                        batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+    return ds.repartition(target_num_rows_per_block=rows_per_block)

@@ -30,8 +30,10 @@ WORK_SCHEMA = pa.schema(
         pa.field("needs_caption", pa.bool_()),
         pa.field("image_sha", pa.string()),  # sha256 of decoded pixels (exact duplicate key)
         pa.field("image_phash", pa.int64()),  # 64-bit perceptual hash (near duplicates)
+        pa.field("image_thumb", pa.binary()),  # 8x8 RGB thumbnail: verifies near-duplicate candidates
         pa.field("source_sha", pa.string()),
         pa.field("source_phash", pa.int64()),
+        pa.field("source_thumb", pa.binary()),
         pa.field("stage", pa.string()),
         pa.field("reason", pa.string()),
         pa.field("detail", pa.string()),

@@ -32,8 +32,8 @@ from pipelines.curate.tagging import TagRows
 
 log = logging.getLogger(__name__)
 
-NARROW = ["order", "id", "task", "prompt", "category", "input", "image_sha", "image_phash", "source_sha",
-          "source_phash", "stage", "reason", "detail"]
+NARROW = ["order", "id", "task", "prompt", "category", "input", "image_sha", "image_phash", "image_thumb",
+          "source_sha", "source_phash", "source_thumb", "stage", "reason", "detail"]
 
 
 def build_stream(cfg: CurateConfig, files, options: StorageOptions | None):
@@ -46,13 +46,13 @@ def build_stream(cfg: CurateConfig, files, options: StorageOptions | None):
                                               "identical_pair": cfg.filters.edit_identical_pair},
                         num_cpus=0.5, **batch)
     ds = ds.map_batches(text_before_caption_op, fn_kwargs={"text": cfg.filters.text, "captioning": cfg.captioning},
-                        num_cpus=0.25, **batch)
+                        num_cpus=0.5, **batch)
     actors = {"compute": ray.data.ActorPoolStrategy(size=cfg.ray.actors), "num_cpus": cfg.ray.actor_num_cpus}
     if cfg.filters.nsfw.enabled:
         ds = ds.map_batches(NsfwFilter, fn_constructor_args=(cfg.filters.nsfw, cfg.ray.threads), **actors, **batch)
     if cfg.captioning.captioner != "none":
         ds = ds.map_batches(CaptionRows, fn_constructor_args=(cfg.captioning, cfg.ray.threads), **actors, **batch)
-    ds = ds.map_batches(text_after_caption_op, fn_kwargs={"text": cfg.filters.text}, num_cpus=0.25, **batch)
+    ds = ds.map_batches(text_after_caption_op, fn_kwargs={"text": cfg.filters.text}, num_cpus=0.5, **batch)
     ds = ds.map_batches(TagRows, fn_constructor_args=(cfg.tagging, cfg.ray.threads), **actors, **batch)
     return ds
 

@@ -55,6 +55,9 @@ class PrecomputeConfig(StrictModel):
     teacher_checksum_max_bytes: int = Field(
         256 * 1024 * 1024, ge=0, description="Teacher files up to this size are checksummed for "
         "the teacher identity; larger weight files count by name and size only.")
+    cpu_limit: float | None = Field(
+        None, gt=0, description="Most logical CPUs this run's Ray Data plan may use (null: the whole "
+        "cluster); lets precompute share a cluster, and models a small machine on a big one.")
     text_encoder: PoolConfig = Field(default_factory=PoolConfig)
     vae: PoolConfig = Field(default_factory=PoolConfig)
     io: IoConfig = Field(default_factory=IoConfig)
@@ -69,6 +72,7 @@ class PrecomputeConfig(StrictModel):
         for pool in ("text_encoder", "vae"):
             data[pool] = {"batch_size": data[pool]["batch_size"]}
         data.pop("io")
+        data.pop("cpu_limit")
         return data
 
     def identity_hash(self) -> str:

@@ -11,6 +11,7 @@ rerun; the manifest is written last, once every shard exists.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -166,12 +167,14 @@ def _check_resources(cfg: PrecomputeConfig) -> None:
 
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    if cfg.cpu_limit is not None:
+        cpus = min(cpus, cfg.cpu_limit)
     need = cfg.total_actor_cpus() + cfg.io.num_cpus
     if need > cpus:
         raise PrecomputeError(
             f"the actor pools need {cfg.total_actor_cpus():g} CPUs plus {cfg.io.num_cpus:g} for a "
-            f"read/write task, but the cluster has {cpus:g}: lower text_encoder/vae pool_size or "
-            "num_cpus (fractions such as 0.5 are fine)")
+            f"read/write task, but the run may use {cpus:g} (cluster CPUs or cpu_limit): lower "
+            "text_encoder/vae pool_size or num_cpus (fractions such as 0.5 are fine)")
     for name, pool in (("text_encoder", cfg.text_encoder), ("vae", cfg.vae)):
         if pool.num_gpus * pool.pool_size > gpus:
             raise PrecomputeError(f"{name}: pool_size x num_gpus = {pool.num_gpus * pool.pool_size:g} "
@@ -187,10 +190,14 @@ def _execute(cfg: PrecomputeConfig, todo: list[ShardPlan], teacher: str, input: 
 
     _check_resources(cfg)
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.target_max_block_size, ctx.enable_progress_bars)
+    saved = (ctx.target_max_block_size, ctx.enable_progress_bars, ctx.execution_options)
     # A dataset seals a copy of the context when created: these settings are this run's only.
     ctx.target_max_block_size = None  # never split a shard's block between stages
     ctx.enable_progress_bars = show_progress
+    if cfg.cpu_limit is not None:
+        options_copy = copy.deepcopy(ctx.execution_options)
+        options_copy.resource_limits = options_copy.resource_limits.copy(cpu=cfg.cpu_limit)
+        ctx.execution_options = options_copy
     try:
         ds = ray.data.from_items([{"plan": item.to_json()} for item in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(encode.load_shard, batch_size=None, batch_format="pyarrow",
@@ -222,7 +229,7 @@ def _execute(cfg: PrecomputeConfig, todo: list[ShardPlan], teacher: str, input: 
                                        "dtype": cfg.dtype, "compression": cfg.compression,
                                        "row_group_rows": cfg.row_group_rows, "plan_id": pid})
     finally:
-        ctx.target_max_block_size, ctx.enable_progress_bars = saved
+        ctx.target_max_block_size, ctx.enable_progress_bars, ctx.execution_options = saved
     new: dict[str, dict] = {}
     with tqdm(total=len(todo), desc="precompute shards", unit="shard", disable=not show_progress) as bar:
         for row in ds.iter_rows():

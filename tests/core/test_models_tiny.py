@@ -123,7 +123,10 @@ def test_save_load_round_trip_is_bit_exact(tiny_dir, tmp_path):
     prompts = ["a red cat", "two blue dogs"]
     assert torch.equal(ad.encode_prompts(prompts).embeds, back.encode_prompts(prompts).embeds)
 
-    # A new transformer and a shift: diffusers' pipeline on the export samples exactly like `sample`.
+    # A new transformer and a shift: diffusers' pipeline on the export samples exactly like `sample`,
+    # even when the source scheduler is configured like real Qwen-Image's (dynamic shift, terminal).
+    ad.scheduler_config.update(use_dynamic_shifting=True, shift_terminal=0.02, time_shift_type="exponential",
+                               base_shift=0.5, max_shift=0.9, max_image_seq_len=8192)
     student = type(ad.transformer).from_config(ad.transformer.config)
     student.load_state_dict({k: v + 0.01 for k, v in ad.transformer.state_dict().items()})
     exported = ad.save_pipeline(str(tmp_path / "student"), transformer=student.eval(), scheduler_shift=3.0,

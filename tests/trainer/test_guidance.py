@@ -90,3 +90,11 @@ def test_step_out_of_range_is_an_error():
     with pytest.raises(GuidanceError, match="out of range"):
         table.for_samples(torch.tensor([2]), ["x"])
     validate_lambdas({"default": [[1.0]] * 2}, ["base"], 2)
+
+
+def test_task_qualified_categories():
+    teachers = [TEACHERS[0], {"name": "text", "path": "t/text", "specialises": ["t2i:text"]}]
+    table = parse_config(GuidanceConfig, {"teachers": teachers, "preset": "specialist"}).build_table(
+        2, CATS)
+    w = table.for_samples(torch.tensor([1, 1, 1]), ["t2i:text", "edit:text", "t2i:portrait"])
+    assert w.tolist() == [[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]

@@ -261,7 +261,7 @@ class DMDObjective(Objective):
         steps = steps.to(state.device)
         z_k, t_k = M.backward_simulate(student_fn, noise, sigmas, steps)
         x, _ = M.student_x0(student_fn, z_k, t_k)
-        weights = self.table.for_samples(steps.cpu(), batch.categories)
+        weights = self.table.for_samples(steps.cpu(), [f"{batch.task}:{c}" for c in batch.categories])
         t = M.sample_timesteps(len(batch), *cfg.renoise_t, shift=cfg.renoise_shift,
                                generator=state.generator, device=state.device)
         xi = torch.randn(x.shape, generator=state.generator).to(x)

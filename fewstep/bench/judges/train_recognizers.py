@@ -166,7 +166,8 @@ def sample_pool(n: int, seed: int, resolution: int = 64) -> tuple[torch.Tensor, 
 
 
 def train(out_dir: Path, steps: int = 2000, batch_size: int = 64, seed: int = 0, width: int = 32,
-          lr: float = 3e-3, pool: int = 9000, eval_size: int = 600, threads: int = 2) -> dict:
+          lr: float = 3e-3, pool: int = 9000, eval_size: int = 600, threads: int = 2,
+          device: str = "cpu") -> dict:
     """Render a pool of augmented samples once, then train over it with extra noise/flip jitter.
 
     Rendering every step costs more than the network (PIL, 4 ms a sample), hence the pool.
@@ -177,7 +178,8 @@ def train(out_dir: Path, steps: int = 2000, batch_size: int = 64, seed: int = 0,
     start = time.time()
     pool_images, pool_labels = sample_pool(pool, seed)
     render_s = time.time() - start
-    net = RecognizerNet({k: len(v) for k, v in names.items()}, width=width)
+    net = RecognizerNet({k: len(v) for k, v in names.items()}, width=width).to(device)
+    pool_labels = {k: v.to(device) for k, v in pool_labels.items()}
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     loss_fn = nn.CrossEntropyLoss()
@@ -186,18 +188,19 @@ def train(out_dir: Path, steps: int = 2000, batch_size: int = 64, seed: int = 0,
     for _step in bar:
         net.train()
         idx = torch.randint(0, pool, (batch_size,), generator=gen)
-        x = pool_images[idx].permute(0, 3, 1, 2).float().contiguous() / 127.5 - 1.0
-        flip = torch.rand(batch_size, generator=gen) < 0.5
+        x = pool_images[idx].to(device).permute(0, 3, 1, 2).float().contiguous() / 127.5 - 1.0
+        flip = (torch.rand(batch_size, generator=gen) < 0.5).to(device)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        x = x + torch.randn(x.shape, generator=gen) * (torch.rand(batch_size, 1, 1, 1, generator=gen) * 0.08)
-        out = net(x)
-        loss = sum(loss_fn(out[k], pool_labels[k][idx]) for k in names)
+        jitter = torch.randn(x.shape, generator=gen) * (torch.rand(batch_size, 1, 1, 1, generator=gen) * 0.08)
+        out = net(x + jitter.to(device))
+        loss = sum(loss_fn(out[k], pool_labels[k][idx.to(device)]) for k in names)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     train_s = time.time() - start
+    net = net.cpu()
 
     images, labels = heldout_set(eval_size, seed + 1)
     erng = np.random.default_rng(seed + 2)
@@ -207,7 +210,8 @@ def train(out_dir: Path, steps: int = 2000, batch_size: int = 64, seed: int = 0,
         "labels": names, "width": width, "input_size": 64, "world_version": world.WORLD_VERSION,
         "vocabulary_hash": world.vocabulary_hash(),
         "train": {"steps": steps, "batch_size": batch_size, "seed": seed, "lr": lr, "pool": pool,
-                  "render_seconds": round(render_s, 1), "seconds": round(train_s, 1), "threads": threads},
+                  "render_seconds": round(render_s, 1), "seconds": round(train_s, 1), "threads": threads,
+                  "device": device, "torch": torch.__version__},
         "heldout": {"n": eval_size, "what": "renders of bench-reserved combinations (never trained on)",
                     "clean": clean, "blur1_noise12": degraded},
     }
@@ -228,10 +232,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool", type=int, default=9000, help="augmented renders drawn once")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--eval-size", type=int, default=600)
+    parser.add_argument("--device", default="cpu", help="torch device (cpu or cuda); the recipe is the same")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     card = train(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed, pool=args.pool,
-                 threads=args.threads)
+                 threads=args.threads, width=args.width, eval_size=args.eval_size, device=args.device)
     print(json.dumps(card["heldout"], indent=2))
 
 

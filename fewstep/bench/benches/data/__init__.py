@@ -1,0 +1,1 @@
+"""Versioned mini bench files (JSONL); a package so wheels ship them."""

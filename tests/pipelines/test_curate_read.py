@@ -1,0 +1,126 @@
+"""Tolerant readers: Parquet, JSONL, JSON, WebDataset tars, image paths; bad files become rejects."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from fewstep.contract import RAW_EDIT_SCHEMA, RAW_T2I_SCHEMA, REJECT_REASONS
+from pipelines.curate.read import InputError, InputFile, iter_file_rows, list_inputs
+
+
+def _png(colour=(200, 30, 30), size=(32, 32)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _rows(path) -> list[dict]:
+    return list(iter_file_rows(InputFile(str(path), 0, 0, path.name), None))
+
+
+def test_parquet_kind_follows_schema(tmp_path):
+    t2i = [{"id": "a", "prompt": "a red square", "image": _png(), "category": None, "source": "s", "meta": None}]
+    edit = [{"id": "b", "instruction": "make it blue", "source_image": _png(), "target_image": _png((0, 0, 255)),
+             "edit_category": "scene", "source": "s", "meta": "{}"}]
+    pq.write_table(pa.Table.from_pylist(t2i, schema=RAW_T2I_SCHEMA), tmp_path / "t.parquet")
+    pq.write_table(pa.Table.from_pylist(edit, schema=RAW_EDIT_SCHEMA), tmp_path / "e.parquet")
+    (t_row,), (e_row,) = _rows(tmp_path / "t.parquet"), _rows(tmp_path / "e.parquet")
+    assert (t_row["task"], t_row["prompt"], t_row["reason"]) == ("t2i", "a red square", None)
+    assert (e_row["task"], e_row["prompt"], e_row["category"], e_row["reason"]) == ("edit", "make it blue", "scene", None)
+    assert e_row["source_image"] and e_row["image"]
+    assert t_row["input"] == "t.parquet#row=0"
+
+
+def test_parquet_of_another_schema_rejects_each_row(tmp_path):
+    pq.write_table(pa.table({"id": ["x", "y"], "text": ["a", "b"]}), tmp_path / "other.parquet")
+    rows = _rows(tmp_path / "other.parquet")
+    assert [(r["id"], r["reason"]) for r in rows] == [("x", "schema"), ("y", "schema")]
+
+
+def test_jsonl_bad_lines_and_image_paths(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "one.png").write_bytes(_png())
+    lines = [
+        json.dumps({"id": "p1", "prompt": "a red square on white", "image": "imgs/one.png", "source": "s"}),
+        json.dumps({"id": "p2", "prompt": "a missing picture", "image": "imgs/nope.png", "source": "s"}),
+        json.dumps({"id": "p3", "prompt": "meta as an object", "source": "s", "meta": {"k": 1}}),
+        "{broken",
+        "",
+        json.dumps(["not", "an", "object"]),
+    ]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    rows = _rows(tmp_path / "c.jsonl")
+    assert [(r["id"], r["reason"]) for r in rows] == [
+        ("p1", None), ("p2", "missing_field"), ("p3", None), (None, "malformed_row"), (None, "malformed_row")]
+    assert rows[0]["image"] == _png()
+    assert json.loads(rows[2]["meta"]) == {"k": 1}
+    assert "c.jsonl#line=4" == rows[3]["input"]  # blank line skipped, line numbers kept
+
+
+def _tar_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_webdataset_tar_samples_and_truncation(tmp_path):
+    data = _tar_bytes([
+        ("s000", {"png": _png(), "txt": b"a red square", "json": json.dumps({"source": "wds"}).encode()}),
+        ("s001", {"source.png": _png(), "target.png": _png((0, 0, 255)), "instruction.txt": b"make it blue"}),
+        ("s002", {"png": _png((0, 255, 0)), "txt": b"a green square"}),
+    ])
+    (tmp_path / "ok.tar").write_bytes(data)
+    rows = _rows(tmp_path / "ok.tar")
+    assert [(r["id"], r["task"], r["reason"]) for r in rows] == [
+        ("s000", "t2i", None), ("s001", "edit", None), ("s002", "t2i", None)]
+    assert rows[0]["source"] == "wds" and rows[1]["prompt"] == "make it blue"
+    # Cut inside the third sample: the first two survive, the rest is one malformed reject.
+    (tmp_path / "cut.tar").write_bytes(data[: data.index(b"s002.png") + 512 + 20])
+    cut = _rows(tmp_path / "cut.tar")
+    assert [r["reason"] for r in cut[:2]] == [None, None]
+    assert cut[-1]["reason"] == "malformed_row" and "tar" in cut[-1]["detail"]
+
+
+def test_unreadable_files_are_one_reject_each(tmp_path):
+    (tmp_path / "zero.parquet").write_bytes(b"")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    assert [r["reason"] for r in _rows(tmp_path / "zero.parquet")] == ["malformed_row"]
+    assert [r["reason"] for r in _rows(tmp_path / "junk.parquet")] == ["malformed_row"]
+    assert _rows(tmp_path / "empty.jsonl") == []
+
+
+def test_every_reason_is_in_the_contract(tmp_path):
+    from fewstep.bench.badinputs import write_bad_inputs
+
+    paths = write_bad_inputs(str(tmp_path))
+    for name, uri in paths.items():
+        if name == "expected.json":
+            continue
+        for row in iter_file_rows(InputFile(uri, 0, 0, name), None):
+            assert row["reason"] is None or row["reason"] in REJECT_REASONS
+
+
+def test_list_inputs_errors_and_order(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        list_inputs([str(tmp_path / "missing")], [".parquet"], None)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="no files ending"):
+        list_inputs([str(tmp_path / "d")], [".parquet"], None)
+    for name in ("b.parquet", "a.jsonl", "corpus.json"):
+        (tmp_path / "d" / name).write_bytes(b"")
+    files = list_inputs([str(tmp_path / "d")], [".parquet", ".jsonl"], None)
+    assert [f.label for f in files] == ["d/a.jsonl", "d/b.parquet"]  # sorted; manifests left out

@@ -1,0 +1,105 @@
+"""Composition targets and seeded sampling; the shipped presets; config errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fewstep.config import ConfigError, load_config
+from pipelines.curate.config import CompositionConfig, CurateConfig
+from pipelines.curate.rebalance import CompositionError, largest_remainder, plan_targets, select
+
+PRESETS = Path(__file__).resolve().parents[2] / "configs" / "curate"
+KNOWN = {"t2i": ["portrait", "landscape", "text"],
+         "edit": ["scene", "enhancement", "object", "text", "identity", "style"]}
+
+
+def _rows(counts: dict[str, dict[str, int]]) -> list[dict]:
+    rows, order = [], 0
+    for task, cats in counts.items():
+        for cat, n in cats.items():
+            for _ in range(n):
+                rows.append({"order": order, "task": task, "category": cat})
+                order += 1
+    return rows
+
+
+SMALL = {"t2i": {"portrait": 98, "landscape": 97, "text": 99},
+         "edit": {c: 48 for c in KNOWN["edit"]}}
+
+
+def test_largest_remainder_sums_exactly():
+    for total in (0, 1, 7, 100, 301):
+        split = largest_remainder(total, {"a": 1, "b": 1, "c": 1})
+        assert sum(split.values()) == total and max(split.values()) - min(split.values()) <= 1
+    assert largest_remainder(10, {"a": 9, "b": 1, "z": 0}) == {"a": 9, "b": 1, "z": 0}
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("landscape", {"t2i": {"landscape": 80}}),
+    ("portrait", {"t2i": {"portrait": 80}}),
+    ("text", {"t2i": {"text": 80}}),
+    ("landscape+portrait", {"t2i": {"landscape": 80, "portrait": 80}}),
+    ("mixed", {"t2i": {"landscape": 80, "portrait": 80, "text": 80}}),
+    ("ratio-9-1", {"t2i": {"portrait": 90, "landscape": 90, "text": 90}, "edit": {c: 5 for c in KNOWN["edit"]}}),
+    ("ratio-7-3", {"t2i": {"portrait": 70, "landscape": 70, "text": 70}, "edit": {c: 15 for c in KNOWN["edit"]}}),
+    ("ratio-5-5", {"t2i": {"portrait": 50, "landscape": 50, "text": 50}, "edit": {c: 25 for c in KNOWN["edit"]}}),
+])
+def test_presets_hit_their_targets_exactly(name, expected):
+    cfg = load_config(CurateConfig, PRESETS / f"{name}.yaml")
+    selection = select(_rows(SMALL), cfg.composition, KNOWN)
+    assert selection.targets == expected
+    assert selection.achieved == {t: {c: expected.get(t, {}).get(c, 0) for c in SMALL[t]} for t in SMALL}
+    assert not selection.shortfalls
+    assert len(selection.copies) == sum(sum(c.values()) for c in expected.values())
+    assert set(selection.copies.values()) == {1}
+
+
+def test_default_config_keeps_everything():
+    cfg = load_config(CurateConfig, PRESETS / "default.yaml")
+    assert cfg.composition is None
+    selection = select(_rows(SMALL), None, KNOWN)
+    assert selection.achieved == SMALL and len(selection.copies) == sum(sum(c.values()) for c in SMALL.values())
+
+
+def test_sampling_is_seeded_and_changes_with_the_seed():
+    spec = CompositionConfig.model_validate({"tasks": {"t2i": {"weight": 1}}, "total": 60, "seed": 3})
+    a = select(_rows(SMALL), spec, KNOWN).copies
+    assert a == select(_rows(SMALL), spec, KNOWN).copies
+    other = select(_rows(SMALL), spec.model_copy(update={"seed": 4}), KNOWN).copies
+    assert len(other) == len(a) == 60 and other != a
+
+
+def test_shortfall_is_reported_and_replacement_fills_it():
+    spec = CompositionConfig.model_validate(
+        {"tasks": {"t2i": {"weight": 1, "categories": {"portrait": {"count": 120}, "text": {"count": 10}}}}})
+    short = select(_rows(SMALL), spec, KNOWN)
+    assert short.achieved["t2i"] == {"portrait": 98, "landscape": 0, "text": 10}
+    assert short.shortfalls == [{"task": "t2i", "category": "portrait", "target": 120, "available": 98,
+                                 "achieved": 98, "missing": 22}]
+    filled = select(_rows(SMALL), spec.model_copy(update={"replace": True, "total": 130}), KNOWN)
+    assert filled.achieved["t2i"]["portrait"] == 120 and not filled.shortfalls
+    assert sum(filled.copies.values()) == 130 and max(filled.copies.values()) >= 2
+
+
+def test_auto_total_is_the_largest_that_fits():
+    spec = CompositionConfig.model_validate({"tasks": {"t2i": {"weight": 2}, "edit": {"weight": 1}}})
+    targets = select(_rows(SMALL), spec, KNOWN).targets
+    # Edit is the binding side: 6 x 48 = 288 edit rows -> at most 576 T2I rows, but T2I has 294,
+    # so T2I binds: 3 equal categories capped by the smallest (97) -> 291 T2I, 145 or 146 edit.
+    assert sum(targets["t2i"].values()) == 291 and sum(targets["edit"].values()) in (145, 146)
+    assert all(n <= SMALL[t][c] for t, cats in targets.items() for c, n in cats.items())
+
+
+def test_impossible_counts_are_config_errors():
+    spec = CompositionConfig.model_validate(
+        {"tasks": {"t2i": {"count": 10, "categories": {"portrait": {"count": 20}}}}})
+    with pytest.raises(CompositionError, match="more than 10"):
+        plan_targets(spec, SMALL, KNOWN)
+    with pytest.raises(ConfigError, match="composition.tasks.t2i.categories"):
+        load_config(CurateConfig, PRESETS / "mixed.yaml", {"composition.tasks.t2i.categories.sky": {"count": 1}})
+    with pytest.raises(ConfigError, match="exactly one of count or weight"):
+        load_config(CurateConfig, PRESETS / "mixed.yaml", {"composition.tasks.t2i.count": 5})
+    with pytest.raises(ConfigError, match="captioning"):
+        load_config(CurateConfig, PRESETS / "default.yaml", {"captioning.captioner": "vlm"})

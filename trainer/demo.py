@@ -1,0 +1,317 @@
+"""``fewstep demo``: the main job end to end on one machine, with no network.
+
+corpus build -> curate (composition) -> precompute (base teacher) -> distill (DMD, 4-step
+student) -> eval (teacher 80 NFE + CFG vs student 4 NFE on the mini benches) -> summary.
+
+Every stage is the project's own stage function with its own config file (the demo config
+only points at them and sets a few keys), all inside one Ray session. Finished stages in the
+run folder are reused (``resume: true``), so a second run or a run after an interruption
+picks up where the first stopped. ``<run_dir>/summary.json`` holds, for every evaluated
+model, its role, NFE, measured seconds per image and its average score on each bench.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from fewstep import storage
+from fewstep.config import ConfigError, StrictModel, load_config, set_dotted
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "demo" / "default.yaml"
+
+
+class DemoError(RuntimeError):
+    """A demo input that is missing or unusable; the message says what to do."""
+
+
+class CorpusStep(StrictModel):
+    uri: str | None = Field(None, description="Your own raw corpus folder (t2i/ and edit/ parts); "
+                            "null builds the small built-in one.")
+    preset: str = "small"
+    seed: int = 0
+    resolution: int = 64
+    t2i_per_category: int | None = None
+    edit_per_category: int | None = None
+
+
+class StageStep(StrictModel):
+    config: str = Field(..., description="The stage's own config file (repo-relative or absolute).")
+    set: dict[str, Any] = Field(default_factory=dict, description="Dotted keys set on top of it.")
+
+
+class DemoConfig(StrictModel):
+    run_dir: str = Field("runs/demo", description="Run folder (local path or s3://).")
+    teacher: str = Field("assets/teachers/base", description="Base teacher pipeline directory.")
+    ray_address: str | None = Field(None, description="Ray cluster to join (default: embedded).")
+    ray_num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of the embedded cluster.")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto); credentials "
+                                        "come from FEWSTEP_/AWS_ environment settings.")
+    resume: bool = Field(True, description="Reuse stages already finished in run_dir.")
+    corpus: CorpusStep = Field(default_factory=CorpusStep)
+    curate: StageStep = Field(default_factory=lambda: StageStep(config="configs/curate/default.yaml"))
+    precompute: StageStep = Field(default_factory=lambda: StageStep(config="configs/precompute/default.yaml"))
+    distill: StageStep = Field(default_factory=lambda: StageStep(config="configs/distill/demo.yaml"))
+    eval: StageStep = Field(default_factory=lambda: StageStep(config="configs/eval/demo.yaml"))
+
+
+def load_demo_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> DemoConfig:
+    return load_config(DemoConfig, path or DEFAULT_CONFIG, overrides)
+
+
+def _config_path(value: str) -> Path:
+    path = Path(value)
+    for candidate in (path, REPO / path):
+        if candidate.exists():
+            return candidate
+    raise DemoError(f"stage config {value} not found (looked in . and {REPO})")
+
+
+def _local_or_uri(value: str) -> str:
+    """Repo-relative defaults work from any working directory."""
+    if storage.is_s3(value) or Path(value).is_absolute() or Path(value).exists():
+        return storage.normalize(value)
+    repo_path = REPO / value
+    return storage.normalize(str(repo_path if repo_path.exists() else value))
+
+
+class Stages:
+    """Runs the stages in order, timing each and printing one progress line per stage."""
+
+    NAMES = ("corpus", "curate", "precompute", "distill", "eval")
+
+    def __init__(self, cfg: DemoConfig, options):
+        from fewstep.settings import get_settings
+
+        self.cfg, self.options = cfg, options
+        self.settings = get_settings()
+        self.run_dir = storage.normalize(cfg.run_dir)
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    def uri(self, *parts: str) -> str:
+        return storage.join(self.run_dir, *parts)
+
+    def header(self, index: int, name: str, what: str) -> None:
+        elapsed = time.perf_counter() - self.started
+        print(f"\n[{index}/{len(self.NAMES)}] {name}: {what}   (demo time {elapsed:.0f} s)", flush=True)
+
+    def done(self, name: str, started: float, note: str = "") -> None:
+        self.seconds[name] = round(time.perf_counter() - started, 2)
+        print(f"    {name} done in {self.seconds[name]:.1f} s {note}", flush=True)
+
+    def finished(self, marker: str) -> bool:
+        return self.cfg.resume and storage.exists(self.uri(marker), self.options)
+
+    # -------------------------------------------------------------- stages
+    def corpus(self) -> str:
+        from fewstep.bench.corpus.build import build_corpus
+
+        c = self.cfg.corpus
+        if c.uri:
+            self.header(1, "corpus", f"using your corpus {c.uri}")
+            return storage.normalize(c.uri)
+        out = self.uri("corpus")
+        self.header(1, "corpus", f"building the {c.preset} corpus -> {out}")
+        start = time.perf_counter()
+        if self.finished("corpus/corpus.json"):
+            print("    reusing the corpus already there")
+        else:
+            build_corpus(out, preset=c.preset, seed=c.seed, resolution=c.resolution, workers=1,
+                         overwrite=True, options=self.options, t2i_per_category=c.t2i_per_category,
+                         edit_per_category=c.edit_per_category)
+        self.done("corpus", start)
+        return out
+
+    def curate(self, corpus: str) -> str:
+        from pipelines.curate.run import run_curate
+
+        out = self.uri("curated")
+        self.header(2, "curate", f"filter, tag and rebalance to a composition -> {out}")
+        start = time.perf_counter()
+        if self.finished("curated/manifest.json"):
+            print("    reusing the curated set already there")
+        else:
+            inputs = [storage.join(corpus, "t2i"), storage.join(corpus, "edit")]
+            inputs = [u for u in inputs if storage.exists(u, self.options)] or [corpus]
+            composition = run_curate(str(_config_path(self.cfg.curate.config)), inputs, out, self.options,
+                                     self.cfg.ray_address, overrides=self.cfg.curate.set)
+            print(f"    composition: {_short(composition)}")
+        self.done("curate", start)
+        return out
+
+    def precompute(self, curated: str, teacher: str) -> str:
+        from pipelines.precompute.run import run_precompute
+
+        out = self.uri("shards")
+        self.header(3, "precompute", f"teacher embeddings + latents -> {out}")
+        start = time.perf_counter()
+        cfg = load_config_dict(_config_path(self.cfg.precompute.config), self.cfg.precompute.set)
+        run_precompute(cfg, teacher, curated, out, self.options, self.cfg.ray_address,
+                       ray_num_cpus=self.cfg.ray_num_cpus, show_progress=True)
+        self.done("precompute", start)
+        return out
+
+    def distill(self, shards: str, teacher: str) -> str:
+        from fewstep.config import parse_config
+        from trainer.runtime.config import TrainConfig
+        from trainer.runtime.launch import launch
+
+        final = self.uri("distill", "final")
+        self.header(4, "distill", f"DMD, 4-step student from {teacher}")
+        start = time.perf_counter()
+        if self.finished("distill/final/model_index.json"):
+            print(f"    reusing the student already at {final}")
+        else:
+            overrides = dict(self.cfg.distill.set)
+            overrides.update({"run.name": "distill", "run.runs_dir": self.run_dir, "data.uri": shards})
+            path = _config_path(self.cfg.distill.config)
+            data = _fill(load_config_dict(path, overrides), {"{teacher}": teacher})
+            cfg = parse_config(TrainConfig, data, str(path))
+            cfg.objective_config()  # validate the DMD section now, with the file name in errors
+            result = launch(cfg, self.settings, self.options)
+            if not result.final_uri:
+                raise DemoError(f"distill finished without an exported student in {result.run_uri}")
+            final = result.final_uri
+            m = result.metrics
+            print(f"    last metrics: dmd_loss {m.get('dmd_loss', float('nan')):.4g}, fake_loss "
+                  f"{m.get('fake_loss', float('nan')):.4g}, val_score {m.get('val_score', float('nan')):.2f}")
+        self.done("distill", start)
+        return final
+
+    def evaluate(self, teacher: str, student: str) -> dict[str, Any]:
+        from trainer.evaluate.config import EvalConfig
+        from trainer.evaluate.run import run_eval
+
+        out = self.uri("eval")
+        self.header(5, "eval", f"teacher (80 NFE, CFG) vs student (4 NFE) on the mini benches -> {out}")
+        start = time.perf_counter()
+        if self.finished("eval/report.json"):
+            print("    reusing the eval report already there")
+            report = storage.read_json(self.uri("eval", "report.json"), self.options)
+        else:
+            data = load_config_dict(_config_path(self.cfg.eval.config), self.cfg.eval.set)
+            data = _fill(data, {"{teacher}": teacher, "{student}": student})
+            try:
+                cfg = EvalConfig.model_validate(data)
+            except Exception as exc:
+                raise DemoError(f"{self.cfg.eval.config}: {exc}") from None
+            report = run_eval(cfg, out, self.options, self.cfg.ray_address)
+        self.done("eval", start)
+        return report
+
+
+def load_config_dict(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    for key, value in overrides.items():
+        set_dotted(data, key, value)
+    return data
+
+
+def _fill(value: Any, values: dict[str, str]) -> Any:
+    """Replace placeholder strings (``{teacher}``, ``{student}``) anywhere in a config tree."""
+    if isinstance(value, dict):
+        return {k: _fill(v, values) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, values) for v in value]
+    if isinstance(value, str):
+        return values.get(value, value)
+    return value
+
+
+def _short(composition: dict) -> str:
+    counts = composition.get("counts") or composition.get("selected") or composition
+    text = str(counts)
+    return text if len(text) < 300 else text[:297] + "..."
+
+
+def summarise(report: dict[str, Any]) -> dict[str, Any]:
+    """``summary.json``: per model its role, NFE, seconds per image and mean score per bench."""
+    models = {}
+    for name, m in report["models"].items():
+        models[name] = {
+            "role": m["role"], "nfe": m["nfe"], "guidance_scale": m["guidance_scale"],
+            "seconds_per_image": m["seconds_per_image"],
+            "network_calls_per_image": m["network_calls_per_image"],
+            "decode_seconds_per_image": m["decode_seconds_per_image"],
+            "scores": {bench: b["score"] for bench, b in m["benches"].items()},
+            "cases": {bench: b["cases"] for bench, b in m["benches"].items()},
+        }
+    teachers = [m for m in models.values() if m["role"] == "teacher"]
+    students = [m for m in models.values() if m["role"] == "student"]
+    speedup = None
+    if teachers and students and students[0]["seconds_per_image"] > 0:
+        speedup = teachers[0]["seconds_per_image"] / students[0]["seconds_per_image"]
+    return {"models": models, "speedup": speedup}
+
+
+def print_summary(summary: dict[str, Any], run_dir: str, seconds: dict[str, float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    benches = list(dict.fromkeys(b for m in summary["models"].values() for b in m["scores"]))
+    table = Table(title="fewstep demo: teacher vs student (judge scores 1-5, higher is better)")
+    for column in ("model", "role", "NFE", "calls/img", "s/img", *benches):
+        table.add_column(column, justify="left" if column in ("model", "role") else "right")
+    for name, m in summary["models"].items():
+        table.add_row(name, m["role"], str(m["nfe"]), f"{m['network_calls_per_image']:.0f}",
+                      f"{m['seconds_per_image']:.3f}",
+                      *[f"{m['scores'].get(b, float('nan')):.2f} ({m['cases'].get(b, 0)})" for b in benches])
+    console.print(table)
+    if summary["speedup"]:
+        console.print(f"measured speed-up, student vs teacher: {summary['speedup']:.1f}x per image "
+                      "(encode + sampling + decode)")
+    console.print("(n) after a score: cases judged. Stage times: "
+                  + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+    console.print(f"report: {storage.join(run_dir, 'eval', 'report.md')}   "
+                  f"summary: {storage.join(run_dir, 'summary.json')}")
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    from fewstep.raysession import ray_session
+    from fewstep.settings import get_settings
+
+    settings = get_settings()
+    options = settings.storage_options()
+    if cfg.s3_endpoint_url:
+        from dataclasses import replace
+
+        options = replace(options, endpoint_url=cfg.s3_endpoint_url)
+    teacher = _local_or_uri(cfg.teacher)
+    if not storage.exists(storage.join(teacher, "model_index.json"), options):
+        raise DemoError(
+            f"teacher {cfg.teacher!r} not found ({teacher}/model_index.json is missing). The demo "
+            "needs a base teacher pipeline: the shipped one lives in assets/teachers/base; or make a "
+            "random tiny one with `fewstep models init-tiny --config teacher --out DIR` and pass "
+            "--set teacher=DIR (its scores will be low: it is untrained)")
+    stages = Stages(cfg, options)
+    print(f"fewstep demo -> {stages.run_dir} (teacher {teacher})", flush=True)
+    try:
+        with ray_session(cfg.ray_address, cfg.ray_num_cpus):
+            corpus = stages.corpus()
+            curated = stages.curate(corpus)
+            shards = stages.precompute(curated, teacher)
+            student = stages.distill(shards, teacher)
+            report = stages.evaluate(teacher, student)
+    except ConfigError as exc:
+        raise DemoError(str(exc)) from None
+    summary = summarise(report)
+    summary.update({"run_dir": stages.run_dir, "teacher": teacher, "student": student,
+                    "report": storage.join(stages.run_dir, "eval", "report.md"),
+                    "stage_seconds": stages.seconds,
+                    "total_seconds": round(time.perf_counter() - stages.started, 1)})
+    storage.write_json_atomic(stages.uri("summary.json"), summary, options)
+    print()
+    print_summary(summary, stages.run_dir, stages.seconds)
+    print(f"total {summary['total_seconds']:.0f} s", flush=True)
+    return summary

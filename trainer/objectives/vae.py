@@ -1,0 +1,163 @@
+"""VAE reconstruction: train a pipeline's ``AutoencoderKLQwenImage`` on curated images.
+
+Loss ``l1 * |x - D(z)| + l2 * (x - D(z))^2 + kl * KL(q(z|x) || N(0, I))`` with ``z`` sampled
+from the posterior. Over the last ``stats_steps`` iterations the per-channel mean and standard
+deviation of the posterior means are gathered (all ranks), and written into the exported VAE's
+``latents_mean`` / ``latents_std``, so that the latents the adapter hands to the transformer
+are normalised. The export is the whole pipeline directory with the new VAE in it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import Field
+
+from fewstep.config import StrictModel
+from trainer.objectives.base import ModelSpec, Objective, ObjectiveEnv, OptimizerConfig, TrainState
+from trainer.teachers.init import InitConfig, prepare_pipeline_dir
+
+log = logging.getLogger(__name__)
+
+
+class VAEConfig(StrictModel):
+    init: InitConfig
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=5e-4))
+    resolution: int | None = Field(None, ge=8, description="Training image side (default: the pipeline's).")
+    l1_weight: float = Field(1.0, ge=0)
+    l2_weight: float = Field(0.0, ge=0)
+    kl_weight: float = Field(1e-6, ge=0)
+    use_source_images: bool = Field(True, description="Also train on edit rows' source images.")
+    stats_steps: int = Field(50, ge=1, description="Last N steps whose latents set latents_mean/std.")
+
+
+class VAEReconstruction(torch.nn.Module):
+    """Forward = encode, reparameterised sample with given noise, decode (one image frame)."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor):
+        posterior = self.vae.encode(images[:, :, None]).latent_dist
+        mean, logvar = posterior.mean, posterior.logvar
+        z = mean + torch.exp(0.5 * logvar) * noise[:, :, None].to(mean)
+        recon = self.vae.decode(z, return_dict=False)[0]
+        return recon[:, :, 0], mean[:, :, 0], logvar[:, :, 0]
+
+
+def decode_png(data: bytes, size: int) -> np.ndarray:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+
+
+class VAEObjective(Objective):
+    """Trains the VAE of a pipeline (curated images, not shards)."""
+
+    name = "vae"
+    Config = VAEConfig
+    data_kind = "curated"
+    columns = ("id", "task", "category", "image", "source_image")
+
+    def __init__(self, config: VAEConfig, env: ObjectiveEnv):
+        super().__init__(config, env)
+        self.config: VAEConfig = config
+        self.pipeline_uri = prepare_pipeline_dir(config.init, env.work_dir, env.storage)
+        from fewstep.models.adapter import QwenImageAdapter
+
+        self.adapter = QwenImageAdapter.load(self.pipeline_uri, components=("vae",), device="cpu",
+                                             storage=env.storage)
+        multiple = self.adapter.vae_scale_factor * 2
+        self.resolution = int(config.resolution or self.adapter.resolution or 64)
+        if self.resolution % multiple:
+            raise ValueError(f"objective.resolution: {self.resolution} must be a multiple of {multiple}")
+        channels = self.adapter.latent_channels
+        self.stats = {"sum": torch.zeros(channels, dtype=torch.float64),
+                      "sumsq": torch.zeros(channels, dtype=torch.float64),
+                      "count": torch.zeros((), dtype=torch.float64)}
+
+    def describe(self) -> str:
+        return f"VAE reconstruction at {self.resolution}px"
+
+    def model_specs(self) -> list[ModelSpec]:
+        return [ModelSpec("vae", build=lambda: VAEReconstruction(self.adapter.vae), trainable=True,
+                          optimizer=self.config.optimizer)]
+
+    def collate(self, rows: dict[str, np.ndarray], device: torch.device) -> torch.Tensor:
+        images = []
+        columns = ["image"] + (["source_image"] if self.config.use_source_images else [])
+        for column in columns:
+            for data in rows.get(column, []):
+                if data is not None:
+                    images.append(decode_png(bytes(data), self.resolution))
+        if not images:
+            raise ValueError("data: a batch of curated rows without any image: the VAE needs image rows "
+                             "(use a curated set with images, not prompt-only)")
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().to(device)
+
+    def train_step(self, state: TrainState, batch: torch.Tensor) -> dict[str, float]:
+        handle = state.models["vae"]
+        cfg = self.config
+        b, _, h, w = batch.shape
+        f = self.adapter.vae_scale_factor
+        noise = torch.randn((b, self.adapter.latent_channels, h // f, w // f), generator=state.generator)
+        with state.autocast():
+            recon, mean, logvar = handle.net(state.cast(batch), state.cast(noise))
+        recon, mean, logvar = recon.float(), mean.float(), logvar.float()
+        diff = recon - batch
+        l1 = diff.abs().mean()
+        l2 = diff.pow(2).mean()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+        loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
+        handle.backward(loss)
+        stepped = handle.step()
+        if state.step >= state.max_steps - cfg.stats_steps:
+            m = mean.detach().double().cpu()
+            self.stats["sum"] += m.sum(dim=(0, 2, 3))
+            self.stats["sumsq"] += m.pow(2).sum(dim=(0, 2, 3))
+            self.stats["count"] += m.shape[0] * m.shape[2] * m.shape[3]
+        psnr = -10.0 * torch.log10(l2.detach() / 4.0 + 1e-12)  # images span [-1, 1]: peak-to-peak 2
+        return {"loss": float(loss.detach()), "l1": float(l1.detach()), "mse": float(l2.detach()),
+                "kl": float(kl.detach()), "psnr": float(psnr), **stepped}
+
+    def state_dict(self) -> dict:
+        return {"stats": {k: v.clone() for k, v in self.stats.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "stats" in state:
+            self.stats = {k: v.clone() for k, v in state["stats"].items()}
+
+    def finalize(self, state: TrainState) -> None:
+        if state.world_size > 1 and torch.distributed.is_initialized():
+            for key in ("sum", "sumsq", "count"):
+                value = self.stats[key].to(state.device)  # NCCL reduces device tensors only
+                torch.distributed.all_reduce(value)
+                self.stats[key] = value.cpu()
+
+    def latent_statistics(self) -> tuple[list[float], list[float]]:
+        count = float(self.stats["count"])
+        if count <= 0:
+            raise RuntimeError("no latent statistics gathered (train.max_steps too small?)")
+        mean = self.stats["sum"] / count
+        var = (self.stats["sumsq"] / count - mean.pow(2)).clamp_min(1e-8)
+        return [float(v) for v in mean], [float(v) for v in var.sqrt()]
+
+    def export(self, state: TrainState, out_dir: Path) -> None:
+        vae = state.models["vae"].module.vae
+        if next(vae.parameters()).dtype != torch.float32:
+            import copy
+
+            vae = copy.deepcopy(vae).float()
+        mean, std = self.latent_statistics()
+        vae.register_to_config(latents_mean=mean, latents_std=std)
+        log.info("VAE latents_mean %s latents_std %s", np.round(mean, 3).tolist(), np.round(std, 3).tolist())
+        self.adapter.vae = vae
+        self.adapter.save_pipeline(str(out_dir), extra_meta={"role": "vae", "trained_steps": state.step,
+                                                             "vae_resolution": self.resolution})
