@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -38,6 +39,14 @@ class ImageReject(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-f]+>")
+
+
+def _message(exc: Exception) -> str:
+    """Exception text without object addresses, so the same bytes give the same detail."""
+    return f"{type(exc).__name__}: {_OBJECT_REPR.sub('<bytes>', str(exc))}"
 
 
 def _looks_truncated(data: bytes) -> bool:
@@ -134,7 +143,7 @@ def decode_image(data: bytes | None, limits: ImageFilterConfig) -> Decoded:
         raise ImageReject("too_many_pixels", str(exc)) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         reason = "image_truncated" if _looks_truncated(data) else "image_undecodable"
-        raise ImageReject(reason, f"{type(exc).__name__}: {exc}") from None
+        raise ImageReject(reason, _message(exc)) from None
     width, height = img.size
     if width * height > limits.max_pixels:
         raise ImageReject("too_many_pixels", f"{width}x{height} = {width * height} px > {limits.max_pixels}")
@@ -154,10 +163,8 @@ def decode_image(data: bytes | None, limits: ImageFilterConfig) -> Decoded:
     except Image.DecompressionBombError as exc:
         raise ImageReject("too_many_pixels", str(exc)) from None
     except (OSError, ValueError, SyntaxError, struct.error, EOFError) as exc:
-        message = str(exc)
-        truncated = "truncat" in message.lower() or _looks_truncated(data)
-        raise ImageReject("image_truncated" if truncated else "image_undecodable",
-                          f"{type(exc).__name__}: {message}") from None
+        truncated = "truncat" in str(exc).lower() or _looks_truncated(data)
+        raise ImageReject("image_truncated" if truncated else "image_undecodable", _message(exc)) from None
     pixels = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
     sha = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + pixels.tobytes()).hexdigest()
     out = io.BytesIO()

@@ -41,7 +41,7 @@ class ZeroShotTagger:
         self.descriptions: dict[str, np.ndarray] = {}
         for task, categories in cfg.categories.items():
             texts, owners = [], []
-            for index, (name, descriptions) in enumerate(categories.items()):
+            for index, descriptions in enumerate(categories.values()):
                 texts.extend(descriptions)
                 owners.extend([index] * len(descriptions))
             self.labels[task] = list(categories)
@@ -70,7 +70,14 @@ class TagRows:
 
     def __init__(self, cfg: TaggingConfig, threads: int = 1):
         self.cfg = cfg
-        self.tagger = ZeroShotTagger(cfg, threads) if cfg.enabled else None
+        self.threads = threads
+        self.tagger: ZeroShotTagger | None = None
+
+    def _tagger(self) -> ZeroShotTagger:
+        # Loaded on first use: a corpus whose records all carry a known category never needs it.
+        if self.tagger is None:
+            self.tagger = ZeroShotTagger(self.cfg, self.threads)
+        return self.tagger
 
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = to_rows(table)
@@ -87,13 +94,14 @@ class TagRows:
                     reject(row, STAGE, "unknown_category",
                            f"{row['task']} category {given!r} not among {sorted(known)}")
                 continue
-            if self.tagger is None or not known:
+            if not self.cfg.enabled or not known:
                 reject(row, STAGE, "unknown_category",
                        f"no category given and no {row['task']} categories to tag with")
                 continue
             pending.setdefault(row["task"], []).append(index)
         for task, indices in pending.items():
-            for index, (category, score) in zip(indices, self.tagger.tag(task, [rows[i]["prompt"] for i in indices])):
+            tags = self._tagger().tag(task, [rows[i]["prompt"] for i in indices])
+            for index, (category, _similarity) in zip(indices, tags):
                 rows[index]["category"] = category
                 rows[index]["category_origin"] = "tagged"
         return from_rows(rows)

@@ -59,8 +59,7 @@ def test_edit_pipeline_loads_and_samples(exported):
     # machine cannot import; the images-only subclass is passed in its place (same files).
     processor = FewstepQwen2VLProcessor.from_pretrained(f"{out}/processor")
     pipe = QwenImageEditPipeline.from_pretrained(out, processor=processor)
-    assert pipe.transformer.config == QwenImageEditPipeline.from_pretrained(
-        out, processor=processor).transformer.config
+    assert pipe.transformer.config.num_layers == 2
     source = Image.new("RGB", (32, 32), (200, 30, 30))
     result = pipe(image=source, prompt="make it blue", true_cfg_scale=1.0, num_inference_steps=4,
                   height=32, width=32, generator=torch.Generator().manual_seed(0))

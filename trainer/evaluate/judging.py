@@ -18,9 +18,13 @@ def load_judge(name: str) -> Any:
         return getattr(importlib.import_module(module_name), attr)()
     judges = importlib.import_module("fewstep.bench.judges")
     factory = getattr(judges, "load_judge", None) or getattr(judges, "get_judge", None)
-    if factory is None:
-        raise RuntimeError("fewstep.bench.judges offers no load_judge(name): the bench judges are missing")
-    return factory(name)
+    if factory is not None:
+        return factory(name)
+    if name == "offline":
+        from fewstep.bench.judges.offline import OfflineJudge
+
+        return OfflineJudge()
+    raise ValueError(f"judge: unknown judge {name!r}; use 'offline' or 'package.module:Class'")
 
 
 def judge_case(judge: Any, case: Any, image: Image.Image, source: Image.Image | None = None) -> dict[str, Any]:

@@ -245,6 +245,7 @@ class DMDObjective(Objective):
         if self.validator is not None and state.step == 0:
             out.update(self.validator.run(state, student, step=0))
 
+        fake_before, student_before = fake.optimizer_steps, student.optimizer_steps
         fake_losses, fake_norms = [], []
         for i in range(cfg.fake_updates):
             steps, noise = self._draw(state, batch, salt=1 + i)
@@ -287,8 +288,9 @@ class DMDObjective(Objective):
             "mixture_edit_share": shares.get("edit", 0.0),
             "mixture_t2i_share": shares.get("t2i", 0.0),
             "task_edit": 1.0 if batch.task == "edit" else 0.0,
-            "student_updates": float(student.optimizer_steps),
-            "fake_updates": float(fake.optimizer_steps),
+            # Optimiser steps taken in this iteration (N fake-score updates per student update).
+            "student_updates": float(student.optimizer_steps - student_before),
+            "fake_updates": float(fake.optimizer_steps - fake_before),
         })
         if self.validator is not None and self.validator.due(state.step + 1, state.max_steps):
             out.update(self.validator.run(state, student, step=state.step + 1))

@@ -12,7 +12,6 @@ two forward passes and one backward.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -20,8 +19,9 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from fewstep import contract, storage
 from fewstep.config import StrictModel
+from fewstep.models.adapter import PromptEmbeds, QwenImageAdapter
+from pipelines.shards import ShardBatch, collate_shard_rows, load_empty_prompt
 from trainer.objectives.base import (
     ModelSpec,
     Objective,
@@ -32,9 +32,6 @@ from trainer.objectives.base import (
 from trainer.teachers.init import InitConfig, prepare_pipeline_dir
 
 log = logging.getLogger(__name__)
-
-EMPTY_PROMPT_NAME = "empty_prompt.parquet"  # written by precompute next to shards/
-
 
 class TimestepConfig(StrictModel):
     sampling: Literal["logit_normal", "uniform"] = "logit_normal"
@@ -51,84 +48,25 @@ class FlowMatchingConfig(StrictModel):
     role: str = Field("teacher", description="Recorded in the exported pipeline's metadata.")
 
 
-@dataclass
-class FlowBatch:
-    """Decoded shard rows on the device (prompt embeddings zero-padded to the batch's longest)."""
-
-    task: list[str]
-    category: list[str]
-    latents: torch.Tensor  # [B, C, h, w]
-    embeds: torch.Tensor  # [B, L, D]
-    mask: torch.Tensor  # [B, L] long
-    source_latents: torch.Tensor | None  # [B, C, h', w'] for edit rows (zeros elsewhere)
-    negative: list[tuple[np.ndarray, np.ndarray] | None]  # edit rows' unconditional (embeds, mask)
-
-    def __len__(self) -> int:
-        return len(self.task)
+def _pad_to(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pad = length - embeds.shape[1]
+    return (torch.nn.functional.pad(embeds, (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad)))
 
 
-def _tensor(row_value, shape, dtype: str) -> np.ndarray:
-    return contract.tensor_from_bytes(row_value, list(shape), dtype).astype(np.float32, copy=False)
-
-
-def _pad(items: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(max(int(e.shape[0]) for e, _ in items), 1)
-    dim = int(items[0][0].shape[1])
-    embeds = np.zeros((len(items), length, dim), np.float32)
-    mask = np.zeros((len(items), length), np.int64)
-    for i, (e, m) in enumerate(items):
-        embeds[i, : e.shape[0]] = e
-        mask[i, : m.shape[0]] = m
-    return torch.from_numpy(embeds), torch.from_numpy(mask)
-
-
-def decode_shard_rows(rows: dict[str, np.ndarray], device: torch.device) -> FlowBatch:
-    """Columnar shard rows (``contract.SHARD_SCHEMA``) -> a :class:`FlowBatch`."""
-    n = len(rows["id"])
-    latents, sources, prompts, negatives = [], [], [], []
-    for i in range(n):
-        rid, dtype = rows["id"][i], rows["dtype"][i]
-        if rows["latents"][i] is None:
-            raise ValueError(f"shard row {rid!r}: no latents; flow matching needs target images "
-                             "(precompute without images makes prompt-only shards, for DMD)")
-        latents.append(_tensor(rows["latents"][i], rows["latents_shape"][i], dtype))
-        embed = _tensor(rows["prompt_embeds"][i], rows["prompt_embeds_shape"][i], dtype)
-        prompts.append((embed, contract.mask_from_bytes(rows["prompt_mask"][i])))
-        if rows["task"][i] == "edit":
-            if rows["source_latents"][i] is None or rows["negative_embeds"][i] is None:
-                raise ValueError(f"shard row {rid!r}: edit row without source_latents/negative_embeds")
-            sources.append(_tensor(rows["source_latents"][i], rows["source_latents_shape"][i], dtype))
-            neg = _tensor(rows["negative_embeds"][i], rows["negative_embeds_shape"][i], dtype)
-            negatives.append((neg, contract.mask_from_bytes(rows["negative_mask"][i])))
-        else:
-            sources.append(None)
-            negatives.append(None)
-    embeds, mask = _pad(prompts)
-    source_latents = None
-    if any(s is not None for s in sources):
-        shape = next(s.shape for s in sources if s is not None)
-        source_latents = torch.from_numpy(np.stack([s if s is not None else np.zeros(shape, np.float32)
-                                                    for s in sources])).to(device)
-    return FlowBatch(
-        task=[str(t) for t in rows["task"]], category=[str(c) for c in rows["category"]],
-        latents=torch.from_numpy(np.stack(latents)).to(device), embeds=embeds.to(device),
-        mask=mask.to(device), source_latents=source_latents, negative=negatives)
-
-
-def load_empty_prompt_embedding(data_uri: str, options) -> tuple[np.ndarray, np.ndarray]:
-    """The precomputed empty-prompt embedding (T2I unconditional) of a shard dataset."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    uri = storage.join(data_uri, EMPTY_PROMPT_NAME)
-    if not storage.exists(uri, options):
-        raise FileNotFoundError(f"data.uri: {uri} missing: caption dropout needs the empty-prompt "
-                                "embedding that precompute writes (re-run precompute)")
-    table = pq.read_table(io.BytesIO(storage.read_bytes(uri, options)))
-    row = table.slice(0, 1).to_pylist()[0]
-    embed = _tensor(row["prompt_embeds"], row["prompt_embeds_shape"], row["dtype"])
-    return embed, contract.mask_from_bytes(row["prompt_mask"])
+def decode_shard_rows(rows: dict[str, np.ndarray], device: torch.device) -> ShardBatch:
+    """Shard rows -> ``ShardBatch``; every row must carry target latents (and edit rows a source)."""
+    batch = collate_shard_rows(rows, device=device)
+    if batch.latents is None or not bool(batch.has_latents.all()):
+        missing = [i for i, ok in zip(batch.ids, batch.has_latents.tolist() if batch.has_latents is not None
+                                      else [False] * len(batch)) if not ok]
+        raise ValueError(f"shard rows {missing[:5]}: no latents; flow matching needs target images "
+                         "(prompt-only shards are for DMD)")
+    edit = torch.tensor([t == "edit" for t in batch.tasks], device=device)
+    if bool(edit.any()):
+        has_source = batch.has_source if batch.has_source is not None else torch.zeros_like(edit)
+        if not bool((has_source | ~edit).all()):
+            raise ValueError("shard rows: an edit row without source_latents")
+    return batch
 
 
 def sample_t(n: int, cfg: TimestepConfig, generator: torch.Generator) -> torch.Tensor:
@@ -148,11 +86,9 @@ class FlowMatchingObjective(Objective):
         super().__init__(config, env)
         self.config: FlowMatchingConfig = config
         self.pipeline_uri = prepare_pipeline_dir(config.init, env.work_dir, env.storage)
-        from fewstep.models.adapter import QwenImageAdapter
-
         self.adapter = QwenImageAdapter.load(self.pipeline_uri, components=("transformer",),
                                              device="cpu", storage=env.storage)
-        self.empty: tuple[np.ndarray, np.ndarray] | None = None
+        self.empty: PromptEmbeds | None = None
 
     def describe(self) -> str:
         return f"flow matching ({self.config.role})"
@@ -165,31 +101,41 @@ class FlowMatchingObjective(Objective):
         if self.config.caption_dropout > 0:
             if not self.env.data_uri:
                 raise ValueError("data.uri: required (the shard dataset)")
-            self.empty = load_empty_prompt_embedding(self.env.data_uri, self.env.storage)
+            self.empty = load_empty_prompt(self.env.data_uri, self.env.storage, device=state.device)
 
-    def collate(self, rows: dict[str, np.ndarray], device: torch.device) -> FlowBatch:
+    def collate(self, rows: dict[str, np.ndarray], device: torch.device) -> ShardBatch:
         return decode_shard_rows(rows, device)
 
-    def _conditions(self, batch: FlowBatch, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings with dropped rows replaced by their unconditional embedding."""
+    def _conditions(self, batch: ShardBatch, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings with dropped rows replaced by their unconditional embedding."""
+        embeds, mask = batch.prompt_embeds, batch.prompt_mask
         if not bool(drop.any()):
-            return batch.embeds, batch.mask
-        items = []
-        for i in range(len(batch)):
-            valid = int(batch.mask[i].sum())
-            row = (batch.embeds[i, :valid].cpu().numpy(), batch.mask[i, :valid].cpu().numpy())
-            if bool(drop[i]):
-                row = batch.negative[i] if batch.task[i] == "edit" else self.empty
-                if row is None:
-                    raise ValueError("caption dropout needs the empty-prompt embedding (setup not run)")
-            items.append(row)
-        embeds, mask = _pad(items)
-        return embeds.to(batch.embeds.device), mask.to(batch.embeds.device)
+            return embeds, mask
+        if self.empty is None:
+            raise RuntimeError("caption dropout needs the empty-prompt embedding (setup was not run)")
+        n = len(batch)
+        edit = torch.tensor([t == "edit" for t in batch.tasks], device=embeds.device)
+        drop = drop.to(embeds.device)
+        if bool((drop & edit).any()) and (batch.negative_embeds is None
+                                          or not bool(batch.has_negative[drop & edit].all())):
+            raise ValueError("caption dropout: an edit row without negative_embeds (re-run precompute)")
+        uncond_e = self.empty.embeds.to(embeds).expand(n, -1, -1)
+        uncond_m = self.empty.mask.to(mask).expand(n, -1)
+        parts = [(embeds, mask), (uncond_e, uncond_m)]
+        if batch.negative_embeds is not None:
+            parts.append((batch.negative_embeds.to(embeds), batch.negative_mask.to(mask)))
+        length = max(int(e.shape[1]) for e, _ in parts)
+        parts = [_pad_to(e, m, length) for e, m in parts]
+        (embeds, mask), (uncond_e, uncond_m) = parts[0], parts[1]
+        if len(parts) == 3:
+            neg_e, neg_m = parts[2]
+            uncond_e = torch.where(edit.view(-1, 1, 1), neg_e, uncond_e)
+            uncond_m = torch.where(edit.view(-1, 1), neg_m, uncond_m)
+        return (torch.where(drop.view(-1, 1, 1), uncond_e, embeds),
+                torch.where(drop.view(-1, 1), uncond_m, mask))
 
-    def loss(self, state: TrainState, net, batch: FlowBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, state: TrainState, net, batch: ShardBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Flow-matching loss of ``net`` on ``batch`` (differentiable); also per-task values."""
-        from fewstep.models.adapter import PromptEmbeds
-
         n = len(batch)
         g = state.generator
         x = batch.latents.float()
@@ -203,7 +149,7 @@ class FlowMatchingObjective(Objective):
         total = x.new_zeros(())
         values: dict[str, float] = {}
         for task in ("t2i", "edit"):
-            idx = [i for i, name in enumerate(batch.task) if name == task]
+            idx = [i for i, name in enumerate(batch.tasks) if name == task]
             if not idx:
                 continue
             sel = torch.tensor(idx, device=x.device)
@@ -217,7 +163,7 @@ class FlowMatchingObjective(Objective):
             values[f"loss_{task}"] = float(per_task.detach())
         return total, values
 
-    def train_step(self, state: TrainState, batch: FlowBatch) -> dict[str, float]:
+    def train_step(self, state: TrainState, batch: ShardBatch) -> dict[str, float]:
         handle = state.models["transformer"]
         loss, values = self.loss(state, handle.net, batch)
         handle.backward(loss)

@@ -1,10 +1,10 @@
 """VAE reconstruction: train a pipeline's ``AutoencoderKLQwenImage`` on curated images.
 
 Loss ``l1 * |x - D(z)| + l2 * (x - D(z))^2 + kl * KL(q(z|x) || N(0, I))`` with ``z`` sampled
-from the posterior. Over the last ``stats_steps`` iterations the per-channel mean and standard
-deviation of the posterior means are gathered (all ranks), and written into the exported VAE's
-``latents_mean`` / ``latents_std``, so that the latents the adapter hands to the transformer
-are normalised. The export is the whole pipeline directory with the new VAE in it.
+from the posterior. After the last step, the trained encoder runs over ``stats_batches`` more
+batches on every rank; the per-channel mean and standard deviation of the posterior means
+(all ranks together) become the exported VAE's ``latents_mean`` / ``latents_std``, so that the
+latents the adapter hands to the transformer are normalised. The export is the whole pipeline directory with the new VAE in it.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class VAEConfig(StrictModel):
     l2_weight: float = Field(0.0, ge=0)
     kl_weight: float = Field(1e-6, ge=0)
     use_source_images: bool = Field(True, description="Also train on edit rows' source images.")
-    stats_steps: int = Field(50, ge=1, description="Last N steps whose latents set latents_mean/std.")
+    stats_batches: int = Field(16, ge=1, description="Batches per rank that set latents_mean/std after training.")
 
 
 class VAEReconstruction(torch.nn.Module):
@@ -118,23 +118,27 @@ class VAEObjective(Objective):
         loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
         handle.backward(loss)
         stepped = handle.step()
-        if state.step >= state.max_steps - cfg.stats_steps:
-            m = mean.detach().double().cpu()
-            self.stats["sum"] += m.sum(dim=(0, 2, 3))
-            self.stats["sumsq"] += m.pow(2).sum(dim=(0, 2, 3))
-            self.stats["count"] += m.shape[0] * m.shape[2] * m.shape[3]
         psnr = -10.0 * torch.log10(l2.detach() / 4.0 + 1e-12)  # images span [-1, 1]: peak-to-peak 2
         return {"loss": float(loss.detach()), "l1": float(l1.detach()), "mse": float(l2.detach()),
                 "kl": float(kl.detach()), "psnr": float(psnr), **stepped}
 
-    def state_dict(self) -> dict:
-        return {"stats": {k: v.clone() for k, v in self.stats.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "stats" in state:
-            self.stats = {k: v.clone() for k, v in state["stats"].items()}
-
+    @torch.no_grad()
     def finalize(self, state: TrainState) -> None:
+        """Latent statistics of the final encoder (collective: every rank pulls the same batches)."""
+        if state.next_batch is None:
+            raise RuntimeError("the VAE objective needs state.next_batch to gather latent statistics")
+        handle = state.models["vae"]
+        for _ in range(self.config.stats_batches):
+            batch = state.next_batch()
+            b, _, h, w = batch.shape
+            f = self.adapter.vae_scale_factor
+            zeros = torch.zeros((b, self.adapter.latent_channels, h // f, w // f))
+            with state.autocast():
+                _, mean, _ = handle.net(state.cast(batch), state.cast(zeros))
+            m = mean.detach().double().cpu()
+            self.stats["sum"] += m.sum(dim=(0, 2, 3))
+            self.stats["sumsq"] += m.pow(2).sum(dim=(0, 2, 3))
+            self.stats["count"] += m.shape[0] * m.shape[2] * m.shape[3]
         if state.world_size > 1 and torch.distributed.is_initialized():
             for key in ("sum", "sumsq", "count"):
                 value = self.stats[key].to(state.device)  # NCCL reduces device tensors only
@@ -144,7 +148,7 @@ class VAEObjective(Objective):
     def latent_statistics(self) -> tuple[list[float], list[float]]:
         count = float(self.stats["count"])
         if count <= 0:
-            raise RuntimeError("no latent statistics gathered (train.max_steps too small?)")
+            raise RuntimeError("no latent statistics gathered (finalize did not run)")
         mean = self.stats["sum"] / count
         var = (self.stats["sumsq"] / count - mean.pow(2)).clamp_min(1e-8)
         return [float(v) for v in mean], [float(v) for v in var.sqrt()]

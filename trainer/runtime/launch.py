@@ -184,7 +184,6 @@ def ray_worker_main(payload_dict: dict[str, Any]) -> None:
 
 
 def _launch_ray(config: TrainConfig, payload: Payload, settings: Settings) -> RunResult:
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

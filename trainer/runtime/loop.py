@@ -54,6 +54,10 @@ class WorkerContext(Protocol):
     def epoch_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]: ...
 
 
+# Reduced with max over ranks (the worst worker is what runs out of memory), not the mean.
+MAX_KEYS = ("peak_mem_mb", "mem_before_models_mb")
+
+
 def _reduce_metrics(values: dict[str, float], world_size: int) -> dict[str, float]:
     """Mean of each metric over the ranks that reported it (ranks may report different keys)."""
     if world_size == 1 or not torch.distributed.is_initialized():
@@ -64,8 +68,29 @@ def _reduce_metrics(values: dict[str, float], world_size: int) -> dict[str, floa
     out = {}
     for key in keys:
         items = [g[key] for g in gathered if key in g and g[key] is not None]
-        out[key] = float(sum(items) / len(items)) if items else float("nan")
+        if key in MAX_KEYS:
+            out[key] = float(max(items)) if items else float("nan")
+        else:
+            out[key] = float(sum(items) / len(items)) if items else float("nan")
     return out
+
+
+def _rss_mb() -> float:
+    """Resident memory of this process now (Linux), in MiB."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return float("nan")
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    """Peak memory of this worker: GPU allocations on CUDA, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _barrier(world_size: int) -> None:
@@ -144,6 +169,7 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
     env = ObjectiveEnv(rank=rank, world_size=world, device=device, storage=payload.storage,
                        run_uri=payload.run_uri, data_uri=config.data.uri, work_dir=work_dir)
     objective = objective_cls(config.objective_config(), env)
+    mem_before_models = _rss_mb() if device.type != "cuda" else torch.cuda.memory_allocated(device) / 2**20
     handles = build_handles(objective.model_specs(), config, device, world)
     generator = torch.Generator().manual_seed(train.seed * 1_000_003 + rank)
     state = TrainState(step=0, max_steps=train.max_steps, rank=rank, world_size=world, device=device,
@@ -159,6 +185,7 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
             objective.load_state_dict(objective_state)
             log.info("rank %d resumed from step %d (%s)", rank, position.step, ckpt_dir)
     state.step = position.step
+    start_step = position.step
 
     metrics_log = MetricsLog(payload.run_uri, payload.storage, work_dir, position.step) if rank == 0 else None
     progress = Progress(train.progress and rank == 0, train.max_steps, position.step,
@@ -190,10 +217,13 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
             elapsed = max(time.monotonic() - window_start, 1e-9)
             local = {k: float(np.mean(v)) for k, v in window.items()}
             local["samples_per_s"] = window_steps * train.batch_size / elapsed
+            local["peak_mem_mb"] = _peak_mem_mb(device)
+            local["mem_before_models_mb"] = mem_before_models
             reduced = _reduce_metrics(local, world)
             reduced["samples_per_s"] *= world  # every rank saw its own batches
             reduced["steps_per_s"] = window_steps / elapsed
-            last = {"step": state.step, "epoch": position.epoch, "time": time.time(), **reduced}
+            last = {"step": state.step, "epoch": position.epoch, "time": time.time(),
+                    "resumed_from": start_step, **reduced}
             progress.update(window_steps, reduced)
             window, window_start, window_steps = {}, time.monotonic(), 0
             if metrics_log is not None:

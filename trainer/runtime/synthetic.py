@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -152,3 +153,22 @@ def write_synthetic_curated(out_uri: str, *, rows: int = 32, size: int = 32, edi
                                        shards=[entry])
     storage.write_json_atomic(storage.join(out_uri, contract.MANIFEST_NAME), manifest, options)
     return out_uri
+
+
+def ensure_tiny_world(root: str | Path, *, t2i_rows: int = 24, edit_rows: int = 8,
+                      preset: str = "tiny") -> tuple[str, str]:
+    """Build (once) a tiny random pipeline and a shard dataset encoded with it under ``root``.
+
+    Returns ``(pipeline_dir, shards_dir)``. Reused when already complete, so several test
+    modules of one session pay for it once.
+    """
+    from fewstep.models.tiny import init_tiny, load_tiny_config
+    from trainer.teachers.init import REPO_MODEL_CONFIGS
+
+    root = Path(root)
+    pipeline, shards = root / "pipeline", root / "shards"
+    if not (pipeline / "model_index.json").exists():
+        init_tiny(pipeline, load_tiny_config(REPO_MODEL_CONFIGS / f"{preset}.yaml"), overwrite=True)
+    if not (shards / contract.MANIFEST_NAME).exists():
+        write_synthetic_shards(str(pipeline), str(shards), t2i_rows=t2i_rows, edit_rows=edit_rows)
+    return str(pipeline), str(shards)

@@ -1,0 +1,194 @@
+"""The documented score formula: measurements -> 1-5 verdicts (docs/bench.md explains it).
+
+T2I:
+    K  core compliance in [0, 1]: 1 if the subject is recognised (or the word read exactly), else
+       the recogniser's probability of the right subject (or the OCR character accuracy);
+    A  attribute compliance: the share of the other stated attributes that hold (background,
+       position, size, count, skin tone; for text: text colour, background, position, size);
+    Q  quality in [0, 1]: min(noise ramp, feature-distance ramp), see ``quality``;
+    C  = 0.6 K + 0.4 A
+    raw = 1 + 4 C (0.25 + 0.75 Q)           (quality scales compliance; it cannot replace it)
+    score = round(raw), capped at 2 if the core instruction failed (wrong subject / wrong word).
+
+Editing (sub-scores in the category's keys, each round(1 + 4 x)):
+    I  instruction: 0.5 * [target attribute present] + 0.5 * toward_target, where toward_target =
+       d(out, source) / (d(out, source) + d(out, target)) in the edited region (1 = the target);
+       for word/skin-tone/subject/style the attribute term is graded by its strength;
+    P  preservation of what must not change (category-specific, see ``preservation``);
+    Q  quality as for T2I, against real edit targets of the category;
+    raw = 1 + 4 (0.5 I + 0.25 P + 0.25 Q) * (0.25 + 0.75 Q) / (0.25 + 0.75 Q) ... see edit_raw
+    overall = round(raw), capped at 2 if the edit was not done (attribute absent or
+    toward_target <= 0.5).
+
+Every constant is here, named, and versioned by ``FORMULA_VERSION``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fewstep.bench.judges.rubrics import EDIT_CRITERIA
+from fewstep.bench.judges.verdicts import EditVerdict, T2IVerdict
+
+FORMULA_VERSION = "1"
+
+# Residual noise sigma (0-255 levels) on flat regions: invisible below NOISE_OK, heavy at NOISE_BAD.
+NOISE_OK, NOISE_BAD = 2.0, 12.0
+# kNN feature distance over the real-to-real median: real images sit near 1.
+FEATURE_OK, FEATURE_BAD = 1.3, 2.0
+# Weights of the compliance terms and the quality floor.
+CORE_WEIGHT, ATTRIBUTE_WEIGHT = 0.6, 0.4
+QUALITY_FLOOR = 0.25
+CAP_ON_FAILED_CORE = 2
+# Mean absolute difference (0-255) at which preservation reaches 0.
+OUTSIDE_MAE_SCALE = 30.0
+STYLE_MAE_SCALE = 50.0
+TOWARD_TARGET_PASS = 0.5
+
+
+def ramp(value: float, good: float, bad: float) -> float:
+    """1 at or below ``good``, 0 at or above ``bad``, linear between."""
+    if value <= good:
+        return 1.0
+    if value >= bad:
+        return 0.0
+    return (bad - value) / (bad - good)
+
+
+def mae_score(mae: float, scale: float) -> float:
+    return round(max(0.0, 1.0 - mae / scale), 4)
+
+
+def quality(q: dict[str, float]) -> dict[str, float]:
+    noise = ramp(q["noise_sigma"], NOISE_OK, NOISE_BAD)
+    feature = ramp(q["feature_ratio"], FEATURE_OK, FEATURE_BAD)
+    return {"noise": round(noise, 4), "feature": round(feature, 4), "Q": round(min(noise, feature), 4)}
+
+
+def to_score(raw: float) -> int:
+    """Round half up into 1-5 (Python's round() rounds 2.5 to 2)."""
+    return int(min(5, max(1, math.floor(raw + 0.5))))
+
+
+def sub(x: float) -> int:
+    return to_score(1 + 4 * max(0.0, min(1.0, x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# T2I
+# ---------------------------------------------------------------------------------------------
+
+
+def t2i_parts(m: dict[str, Any]) -> dict[str, float]:
+    core = m["core"]
+    k = 1.0 if core["passed"] else float(core["strength"])
+    checks = m["checks"]
+    a = sum(bool(c["passed"]) for c in checks.values()) / len(checks) if checks else 1.0
+    qd = quality(m["quality"])
+    c = CORE_WEIGHT * k + ATTRIBUTE_WEIGHT * a
+    raw = 1 + 4 * c * (QUALITY_FLOOR + (1 - QUALITY_FLOOR) * qd["Q"])
+    if not core["passed"]:
+        raw = min(raw, CAP_ON_FAILED_CORE)
+    return {"K": round(k, 4), "A": round(a, 4), "C": round(c, 4), "Q": qd["Q"], "noise_q": qd["noise"],
+            "feature_q": qd["feature"], "raw": round(raw, 4)}
+
+
+def _t2i_reasoning(m: dict[str, Any], parts: dict[str, float], score: int) -> str:
+    core = m["core"]
+    what = "subject" if core["kind"] == "subject" else "word"
+    if core["passed"]:
+        head = f"The {what} {core['expected']!r} is there"
+    else:
+        head = f"The {what} is wrong (expected {core['expected']!r}, found {core['found']!r}), which caps the score"
+    failed = [f"{k} (found {c['found']!r}, expected {c['expected']!r})" for k, c in m["checks"].items()
+              if not c["passed"]]
+    attrs = "all stated attributes hold" if not failed else "wrong " + ", ".join(failed)
+    q = m["quality"]
+    return (f"{head}; {attrs}; residual noise {q['noise_sigma']:.1f}/255 and feature distance "
+            f"{q['feature_ratio']:.2f}x real give quality {parts['Q']:.2f}, so {score}/5.")
+
+
+def t2i_verdict(m: dict[str, Any]) -> T2IVerdict:
+    parts = t2i_parts(m)
+    score = to_score(parts["raw"])
+    return T2IVerdict(score=score, reasoning=_t2i_reasoning(m, parts, score),
+                      details={"formula_version": FORMULA_VERSION, "parts": parts, "measurements": m})
+
+
+# ---------------------------------------------------------------------------------------------
+# Editing
+# ---------------------------------------------------------------------------------------------
+
+
+def instruction(m: dict[str, Any]) -> tuple[float, bool]:
+    attr = m["attribute"]
+    toward = float(m["toward_target"])
+    present = float(attr.get("strength", 1.0 if attr["passed"] else 0.0)) if "strength" in attr else float(
+        attr["passed"])
+    if attr["passed"]:
+        present = 1.0
+    done = bool(attr["passed"]) and toward > TOWARD_TARGET_PASS
+    return 0.5 * present + 0.5 * toward, done
+
+
+def preservation(m: dict[str, Any]) -> float:
+    p = m["preservation"]
+    kind = p["kind"]
+    if kind == "outside_region":
+        return float(p["score"])
+    if kind == "subject_and_layout":
+        subject = 1.0 if p["passed"] else float(p["strength"])
+        return 0.5 * subject + 0.5 * min(1.0, float(p["layout_iou"]) / 0.7)
+    if kind in ("same_subject", "same_skin_tone"):
+        kept = 1.0 if p["passed"] else float(p["strength"])
+        return 0.5 * kept + 0.5 * float(p["outside_score"])
+    if kind == "content_vs_target":
+        return float(p["score"])
+    raise ValueError(f"unknown preservation kind {kind!r}")
+
+
+def edit_parts(m: dict[str, Any]) -> dict[str, Any]:
+    i, done = instruction(m)
+    p = preservation(m)
+    qd = quality(m["quality"])
+    base = 0.5 * i + 0.25 * p + 0.25 * qd["Q"]
+    raw = 1 + 4 * base * (QUALITY_FLOOR + (1 - QUALITY_FLOOR) * qd["Q"]) / (QUALITY_FLOOR + (1 - QUALITY_FLOOR))
+    if not done:
+        raw = min(raw, CAP_ON_FAILED_CORE)
+    return {"I": round(i, 4), "P": round(p, 4), "Q": qd["Q"], "noise_q": qd["noise"], "feature_q": qd["feature"],
+            "done": done, "raw": round(raw, 4)}
+
+
+def _failure_modes(m: dict[str, Any], parts: dict[str, Any]) -> list[str]:
+    modes = []
+    attr = m["attribute"]
+    if m["toward_target"] <= TOWARD_TARGET_PASS:
+        modes.append("edit_not_applied")
+    if not attr["passed"]:
+        modes.append(f"wrong_{attr['kind']}")
+    if parts["P"] < 0.5:
+        modes.append("source_not_preserved")
+    if parts["noise_q"] < 0.5:
+        modes.append("residual_noise")
+    if parts["feature_q"] < 0.5:
+        modes.append("unrealistic_image")
+    return modes
+
+
+def edit_verdict(m: dict[str, Any]) -> EditVerdict:
+    parts = edit_parts(m)
+    criteria = EDIT_CRITERIA[m["category"]]
+    overall = to_score(parts["raw"])
+    sub_scores = {criteria.instruction: sub(parts["I"]), criteria.preservation: sub(parts["P"]),
+                  criteria.quality: sub(parts["Q"])}
+    attr = m["attribute"]
+    head = ("The edit was carried out" if parts["done"] else
+            f"The edit was not carried out (expected {attr['expected']!r}, found {attr['found']!r}; "
+            f"{m['toward_target']:.2f} of the way to the target), which caps the score")
+    reasoning = (f"{head}; preservation {parts['P']:.2f}, quality {parts['Q']:.2f} (noise "
+                 f"{m['quality']['noise_sigma']:.1f}/255, feature distance {m['quality']['feature_ratio']:.2f}x "
+                 f"real), so {overall}/5.")
+    return EditVerdict(overall_score=overall, sub_scores=sub_scores, reasoning=reasoning,
+                       failure_modes=_failure_modes(m, parts),
+                       details={"formula_version": FORMULA_VERSION, "parts": parts, "measurements": m})

@@ -1,0 +1,81 @@
+"""``fewstep eval`` on tiny models: per-case JSON, per-category tables and grids, NFE and
+network-call counts (a teacher with CFG costs two calls per step, a student one)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.dmd_world import tiny_teacher
+
+TEACHER_NFE, STUDENT_NFE = 3, 2
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from fewstep.models.adapter import QwenImageAdapter
+    from trainer.export import export_student
+
+    root = tmp_path_factory.mktemp("eval")
+    teacher = tiny_teacher(root)
+    ad = QwenImageAdapter.load(teacher, components=("transformer",))
+    student = export_student(ad.transformer, teacher, str(root / "student"), num_steps=STUDENT_NFE, shift=2.0)
+    return root, teacher, student
+
+
+def test_resolve_model_defaults(models):
+    from trainer.evaluate.config import ModelEntry
+    from trainer.evaluate.run import resolve_model
+
+    _, teacher, student = models
+    t = resolve_model(ModelEntry(name="t", path=teacher, role="teacher"))
+    s = resolve_model(ModelEntry(name="s", path=student, role="student"))
+    assert (t["nfe"], t["guidance_scale"]) == (80, 4.0)
+    assert (s["nfe"], s["guidance_scale"], s["shift"]) == (STUDENT_NFE, 1.0, 2.0)
+
+
+def test_eval_writes_cases_tables_grids_with_nfe_counts(models, ray_cluster):
+    from fewstep.bench.world import EDIT_CATEGORIES, T2I_CATEGORIES
+    from fewstep.config import parse_config
+    from trainer.evaluate.config import EvalConfig
+    from trainer.evaluate.run import run_eval
+
+    root, teacher, student = models
+    cfg = parse_config(EvalConfig, {
+        "models": [
+            {"name": "teacher", "path": teacher, "role": "teacher", "nfe": TEACHER_NFE, "guidance_scale": 2.0},
+            {"name": "student", "path": student, "role": "student"},
+        ],
+        "cases_per_category": 1, "resolution": 32, "batch_size": 8, "grid_cases": 2,
+    })
+    out = root / "report"
+    report = run_eval(cfg, str(out), progress=False)
+    teacher_m, student_m = report["models"]["teacher"], report["models"]["student"]
+    assert teacher_m["nfe"] == TEACHER_NFE and student_m["nfe"] == STUDENT_NFE
+    assert teacher_m["network_calls_per_image"] == 2 * TEACHER_NFE  # true CFG: cond + uncond
+    assert student_m["network_calls_per_image"] == STUDENT_NFE
+    for m in (teacher_m, student_m):
+        assert m["seconds_per_image"] > 0 and m["images"] == len(T2I_CATEGORIES) + len(EDIT_CATEGORIES)
+        assert set(m["benches"]) == {"t2i-bench-mini", "editing-bench-mini"}
+        assert 1 <= m["benches"]["t2i-bench-mini"]["score"] <= 5
+
+    for model in ("teacher", "student"):
+        lines = (out / "cases" / model / "editing-bench-mini.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        assert sorted(r["category"] for r in records) == sorted(EDIT_CATEGORIES)
+        for r in records:
+            assert {"overall_score", "sub_scores", "reasoning", "failure_modes"} <= set(r["verdict"])
+            assert (out / r["image"]).exists()
+    with open(out / "tables" / "t2i-bench-mini.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["model"] for r in rows] == ["teacher", "student"]
+    assert [r["NFE"] for r in rows] == [str(TEACHER_NFE), str(STUDENT_NFE)]
+    assert set(T2I_CATEGORIES) <= set(rows[0])
+    for bench, categories in (("t2i-bench-mini", T2I_CATEGORIES), ("editing-bench-mini", EDIT_CATEGORIES)):
+        for category in categories:
+            assert (out / "grids" / bench / f"{category}.png").stat().st_size > 0
+    assert "| teacher | teacher | 3 |" in (out / "report.md").read_text()
+    assert json.loads(Path(out / "report.json").read_text())["models"]["student"]["role"] == "student"

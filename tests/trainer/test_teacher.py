@@ -1,0 +1,117 @@
+"""Teacher recipes: the shipped configs validate, ``train-teacher`` teaches and dry-runs, the VAE
+objective trains and writes normalising latent statistics, and init builds the start pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from trainer.runtime.synthetic import ensure_tiny_world, write_synthetic_curated
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return ensure_tiny_world(tmp_path_factory.getbasetemp() / "tiny-world")
+
+
+@pytest.mark.parametrize("name", ["vae", "base", "text-specialist"])
+def test_shipped_teacher_configs_validate(name):
+    from trainer.runtime.config import load_train_config
+
+    config = load_train_config(REPO / "configs" / "teacher" / f"{name}.yaml")
+    objective = config.objective_config()
+    assert config.objective_name() == ("vae" if name == "vae" else "flow_matching")
+    if name == "text-specialist":
+        assert config.data.categories == ["text"]
+        assert objective.init.path.endswith("teacher-base/final")
+    if name == "base":
+        assert objective.init.path.endswith("teacher-vae/final") and objective.caption_dropout > 0
+
+
+def test_cli_help_and_dry_run():
+    from fewstep.cli import app
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["train-teacher", "--help"])
+    assert out.exit_code == 0 and "--config" in out.output and "init-tiny" in out.output
+    out = runner.invoke(app, ["train-teacher", "--config", str(REPO / "configs/teacher/base.yaml"),
+                              "--set", "train.max_steps=7", "--dry-run"])
+    assert out.exit_code == 0, out.output
+    assert "max_steps: 7" in out.output and "teacher-vae/final" in out.output
+    bad = runner.invoke(app, ["train-teacher", "--config", str(REPO / "configs/teacher/base.yaml"),
+                              "--set", "train.max_stesp=7", "--dry-run"])
+    assert bad.exit_code == 2 and "train.max_stesp" in bad.output
+
+
+def test_init_tiny_config_with_vae_from_another_pipeline(world, tmp_path):
+    from trainer.teachers.init import InitConfig, prepare_pipeline_dir
+
+    pipeline, _ = world
+    vae_config = Path(pipeline, "vae", "config.json")
+    marked = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(pipeline, marked)
+    cfg = json.loads(vae_config.read_text())
+    cfg["latents_mean"] = [0.5] * len(cfg["latents_mean"])
+    (marked / "vae" / "config.json").write_text(json.dumps(cfg))
+    init = InitConfig.model_validate({"from": "tiny-config", "config": "tiny", "seed": 3, "vae": str(marked)})
+    out = prepare_pipeline_dir(init, tmp_path / "work", None)
+    assert json.loads(Path(out, "vae", "config.json").read_text())["latents_mean"][0] == 0.5
+    assert Path(out, "transformer", "config.json").exists()
+    with pytest.raises(ValueError, match="init.path"):
+        InitConfig.model_validate({"from": "pretrained"})
+    with pytest.raises(ValueError, match="model preset"):
+        InitConfig.model_validate({"from": "tiny-config", "config": "no-such-preset"})
+
+
+def test_vae_run_trains_and_sets_latent_statistics(world, tmp_path):
+    from diffusers import AutoencoderKLQwenImage
+
+    from trainer.runtime.config import TrainConfig
+    from trainer.runtime.launch import launch
+    from trainer.runtime.metrics import read_metrics
+
+    pipeline, _ = world
+    curated = write_synthetic_curated(str(tmp_path / "curated"), rows=16, edit_rows=4, size=32)
+    raw = {
+        "run": {"name": "vae", "runs_dir": str(tmp_path / "runs")},
+        "launcher": "local", "device": "cpu", "deepspeed": {"enabled": False},
+        "train": {"max_steps": 8, "batch_size": 4, "log_every": 4, "checkpoint_every": 8, "progress": False},
+        "data": {"uri": curated},
+        "objective": {"name": "vae", "init": {"from": "pretrained", "path": pipeline}, "stats_batches": 4,
+                      "optimizer": {"lr": 2e-3}, "l2_weight": 1.0},
+    }
+    result = launch(TrainConfig.model_validate(raw))
+    records = read_metrics(result.run_uri)
+    assert [r["step"] for r in records] == [4, 8]
+    assert records[-1]["loss"] < records[0]["loss"]
+    vae = AutoencoderKLQwenImage.from_pretrained(str(Path(result.final_uri, "vae")))
+    mean, std = vae.config.latents_mean, vae.config.latents_std
+    assert any(abs(m) > 1e-4 for m in mean) and all(s > 0 for s in std)
+
+    # The statistics normalise the data: the training images' latents get ~zero mean, ~unit std.
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from fewstep.models.adapter import QwenImageAdapter
+
+    table = pq.read_table(next(Path(curated, "curated").glob("*.parquet")))
+    images = [Image.open(io.BytesIO(b)) for b in table.column("image").to_pylist()]
+    images += [Image.open(io.BytesIO(b)) for b in table.column("source_image").to_pylist() if b]
+    adapter = QwenImageAdapter.load(result.final_uri, components=("vae",))
+    latents = adapter.encode_images(images)
+    per_channel = latents.transpose(0, 1).flatten(1)
+    assert per_channel.mean(dim=1).abs().max() < 0.35, per_channel.mean(dim=1)
+    assert ((per_channel.std(dim=1) > 0.6) & (per_channel.std(dim=1) < 1.5)).all(), per_channel.std(dim=1)
+    # The rest of the pipeline is copied along: it still loads as a whole.
+    from diffusers import QwenImagePipeline
+
+    assert QwenImagePipeline.from_pretrained(result.final_uri).vae is not None
