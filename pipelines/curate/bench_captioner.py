@@ -24,6 +24,7 @@ from pipelines.curate.captioning import Caption
 OCR_MIN_CONFIDENCE = 0.6
 OCR_SCALE = 128
 SUBJECT_MIN_PROBABILITY = 0.2
+SUBJECT_CONFIDENT = 0.9
 _POS = {"center": "in the center", "left": "on the left", "right": "on the right", "top": "at the top",
         "bottom": "at the bottom"}
 
@@ -77,20 +78,22 @@ def structured_caption(recs: Recognizers, image: Image.Image) -> Caption:
     image = image.convert("RGB")
     bg = background(image)["name"]
     layout = _layout(image)
+    probs = recs.recognizer.predict([image])[0]
+    subject, p_subject = max(probs["subject"].items(), key=lambda kv: kv[1])
     text, confidence = recs.ocr.read(image, OCR_SCALE)
     word = _clean_word(text)
     fields: dict[str, Any] = {"background": bg, **layout, "ocr_text": text or None,
                               "ocr_confidence": round(confidence, 3)}
     where = _POS.get(layout["position"] or "", "")
-    if len(word.replace(" ", "")) >= 2 and confidence >= OCR_MIN_CONFIDENCE:
+    # OCR sometimes reads two emoji as letters ("JJ"): a short reading only wins over a confident subject.
+    letters = len(word.replace(" ", ""))
+    if confidence >= OCR_MIN_CONFIDENCE and (letters >= 3 or (letters == 2 and p_subject < SUBJECT_CONFIDENT)):
         colour = text_colour(image)["name"]
         fields.update(kind="text", text=word, text_color=colour)
         size = f"{layout['size']} " if layout["size"] else ""
         ink = f"{colour} " if colour else ""
         caption = f'a poster with the text "{word}" in {size}{ink}lettering' + (f", {where}" if where else "")
         return Caption(f"{caption}, on {bg}", fields)
-    probs = recs.recognizer.predict([image])[0]
-    subject, p_subject = max(probs["subject"].items(), key=lambda kv: kv[1])
     tone = max(probs["tone"].items(), key=lambda kv: kv[1])[0]
     style = max(probs["style"].items(), key=lambda kv: kv[1])[0]
     fields.update(kind="subject", subject=subject, subject_probability=round(p_subject, 3),

@@ -8,29 +8,39 @@ from pydantic import Field, field_validator, model_validator
 
 from fewstep.config import StrictModel
 
+# Zero-shot tagging descriptions: a prompt takes the category of its most similar description.
+# Several short descriptions per category cover its different kinds of prompt.
 T2I_CATEGORIES_DEFAULT = {
     "portrait": [
-        "a portrait of a person, a face, a man, a woman, a child, people",
-        "a character or creature shown close up, its face and expression",
+        "a portrait of a person",
+        "a man, a woman, a boy, a girl, a baby or an old person",
+        "a face with an expression: smiling, laughing, winking, crying, angry or sleeping",
+        "a worker such as a cook, a scientist, an astronaut, a farmer or a firefighter",
+        "an illustration of a person or of a face",
     ],
     "landscape": [
-        "a landscape, a scene in nature, mountains, sky, sea, trees, weather",
-        "a place, a city, a street, a building, travel and outdoors",
-        "an object or an animal placed in a scene",
+        "a landscape in nature: mountains, a volcano, the sea, ocean waves, a forest, trees",
+        "the sky and the weather: the sun, the moon, clouds, a rainbow, snow, a tornado",
+        "a building or a place: a house, a castle, a campsite, a city street",
+        "animals and plants: a cat, a cow, a bird, a fish, a whale, a turtle, a cactus, a flower",
+        "an illustration of an animal, the weather or a place outdoors",
     ],
     "text": [
-        "text, a word, letters, a sign or a logo that reads something",
-        "typography, a written quote, a title in a font",
+        'the word "HELLO" written in letters on a sign or a poster',
+        'a sign that says "OPEN", text in a serif or sans-serif font',
     ],
 }
 
 EDIT_CATEGORIES_DEFAULT = {
-    "scene": ["change the background or the scene, the place, the weather, the season"],
-    "enhancement": ["enhance the image: sharpen, denoise, brighten, restore, fix the colours or quality"],
-    "object": ["add, remove, replace or move an object"],
-    "text": ["change, write or replace the text, a word or letters in the image"],
-    "identity": ["change the person: skin tone, gender, age, expression, keep the same identity"],
-    "style": ["change the style: watercolour, sketch, cartoon, pixel art, oil painting"],
+    "scene": ["change the background or the scene behind the subject, a new background colour or place"],
+    "enhancement": ["restore or enhance the image quality: sharpen a blurry photo, remove noise, upscale a "
+                    "low-resolution image"],
+    "object": ["add, remove, erase, replace or swap a small object next to the subject",
+               "put a heart, an apple, a star, a gift or a balloon beside something"],
+    "text": ["change the word or the text written on a sign or a poster"],
+    "identity": ["change a person's skin tone, gender or age and keep the same pose"],
+    "style": ["change the artistic style or filter of the picture: black and white, grayscale, sepia, "
+              "outline drawing, pixel art, inverted colours, a colour negative"],
 }
 
 

