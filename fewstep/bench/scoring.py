@@ -212,14 +212,17 @@ def render_markdown(report: BenchReport) -> str:
 
 def load_images(uri: str, case_ids: list[str], options: StorageOptions | None = None
                 ) -> tuple[dict[str, Image.Image], dict[str, str]]:
-    """``<case_id>.<png|jpg|jpeg|webp>`` files under ``uri`` -> (images, problems by case id)."""
+    """``<case_id>.<png|jpg|jpeg|webp>`` files directly in ``uri`` -> (images, problems by case id)."""
     if not storage.exists(uri, options):
         raise FileNotFoundError(f"--images {uri}: no such directory")
     wanted = set(case_ids)
     images: dict[str, Image.Image] = {}
     problems: dict[str, str] = {}
+    top = storage.normalize(uri).rstrip("/")
     for file in storage.list_files(uri, options=options):
-        name = file.rsplit("/", 1)[-1]
+        parent, _, name = file.rpartition("/")
+        if parent.rstrip("/") != top:
+            continue  # only the directory itself: e.g. bench-refs puts edit sources in sources/
         stem, dot, suffix = name.rpartition(".")
         if not dot or f".{suffix.lower()}" not in IMAGE_SUFFIXES or stem not in wanted or stem in images:
             continue

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import typer
 
-HELP = """Filter, caption, tag and rebalance raw T2I and edit corpora into a curated dataset (Ray Data).
-
-Inputs are Parquet, JSONL/JSON or WebDataset tars (files or directories, local or s3://); each
-record is T2I or edit by its columns. Every dropped record is written to <output>/rejects/ with
-its stage and reason. Outputs: <output>/curated/part-*.parquet, rejects/, composition.json
-(target vs achieved counts), stats/ (Ray Data per-operator stats), manifest.json (last).
-
-Presets in configs/curate/: default, landscape, portrait, text, landscape+portrait, mixed,
-ratio-9-1, ratio-7-3, ratio-5-5. Example:
-
-  fewstep corpus build --out runs/corpus --preset small
-
-  fewstep curate --config configs/curate/ratio-7-3.yaml --input runs/corpus --output runs/curated
-
-  fewstep curate --config configs/curate/mixed.yaml --input runs/corpus/t2i --output s3://bucket/cur \\
-      --set composition.tasks.t2i.categories.portrait.count=50
-"""
+HELP = "\n\n".join([
+    "Filter, caption, tag and rebalance raw T2I and edit corpora into a curated dataset (Ray Data).",
+    "Inputs are Parquet, JSONL/JSON or WebDataset tars (files or directories, local or s3://); each record is "
+    "T2I or edit by its columns. Every dropped record is written to <output>/rejects/ with its stage and reason.",
+    "Outputs: <output>/curated/part-*.parquet, rejects/, composition.json (target vs achieved counts), "
+    "stats/ (Ray Data per-operator stats), manifest.json (written last).",
+    "Presets in configs/curate/: default (keep all), landscape, portrait, text, landscape+portrait, mixed, "
+    "ratio-9-1, ratio-7-3, ratio-5-5.",
+    "Examples:",
+    "  fewstep corpus build --out runs/corpus --preset small",
+    "  fewstep curate --config configs/curate/ratio-7-3.yaml --input runs/corpus --output runs/curated",
+    "  fewstep curate -c configs/curate/mixed.yaml -i runs/corpus/t2i -o s3://bucket/curated "
+    "--set composition.tasks.t2i.categories.portrait.count=50",
+])
 
 
 def _parse_sets(values: list[str]) -> dict:
@@ -52,7 +49,7 @@ def register(app: typer.Typer) -> None:
         from fewstep.settings import get_settings
         from pipelines.curate.read import InputError
         from pipelines.curate.rebalance import CompositionError
-        from pipelines.curate.report import summary_tables
+        from pipelines.curate.report import print_summary
         from pipelines.curate.run import run_curate
 
         settings = get_settings()
@@ -63,10 +60,4 @@ def register(app: typer.Typer) -> None:
         except (ConfigError, InputError, CompositionError) as exc:
             console.print(f"[red]curate: {exc}[/red]")
             raise typer.Exit(2) from None
-        out = Console()
-        for table in summary_tables(report):
-            out.print(table)
-        if report["shortfalls"]:
-            short = ", ".join(f"{s['task']}/{s['category']} ({s['achieved']}/{s['target']})"
-                              for s in report["shortfalls"])
-            console.print(f"[yellow]short of target: {short}[/yellow]")
+        print_summary(report, Console())

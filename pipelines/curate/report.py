@@ -68,4 +68,16 @@ def summary_tables(report: dict):
                         str(report["target"].get(task, {}).get(cat, 0)),
                         str(report["achieved"].get(task, {}).get(cat, 0)),
                         "[red]short[/red]" if (task, cat) in short else "")
-    return [totals, rejects, mix]
+    return [totals, rejects, mix] if report["rejected_by_reason"] else [totals, mix]
+
+
+def print_summary(report: dict, console=None) -> None:
+    """Print the summary tables (and any shortfall) with rich."""
+    from rich.console import Console
+
+    console = console or Console()
+    for table in summary_tables(report):
+        console.print(table)
+    if report["shortfalls"]:
+        short = ", ".join(f"{s['task']}/{s['category']} ({s['achieved']}/{s['target']})" for s in report["shortfalls"])
+        console.print(f"[yellow]short of target: {short}[/yellow]")

@@ -69,6 +69,32 @@ def _collect(ds, columns: list[str]) -> list[dict]:
     return rows
 
 
+def _decide(narrow: list[dict], cfg: CurateConfig, known: dict[str, list[str]]):
+    """Global decisions on the narrow rows: duplicates, then the composition sample.
+
+    Returns (reject rows, selection, plan {order: (copies, first position)}, rows to write).
+    """
+    kept = [r for r in narrow if r["reason"] is None]
+    duplicates = find_duplicates(kept, cfg.filters.dedup)
+    survivors = [r for r in kept if r["order"] not in duplicates]
+    selection = select(survivors, cfg.composition, known)
+    rejects = [r for r in narrow if r["reason"] is not None]
+    for row in kept:
+        if (d := duplicates.get(row["order"])) is not None:
+            rejects.append({**row, "stage": d.stage, "reason": d.reason, "detail": d.detail})
+    for row in survivors:
+        if row["order"] not in selection.copies:
+            target = selection.targets.get(row["task"], {}).get(row["category"], 0)
+            rejects.append({**row, "stage": "rebalance", "reason": "over_budget",
+                            "detail": f"{row['task']}/{row['category']}: target {target}"})
+    plan: dict[int, tuple[int, int]] = {}
+    position = 0
+    for order in sorted(selection.copies):  # output order = input order, repeats next to their row
+        plan[order] = (selection.copies[order], position)
+        position += selection.copies[order]
+    return rejects, selection, plan, position
+
+
 def run_curate(
     config: CurateConfig | str | Path,
     inputs: list[str] | None,
@@ -107,24 +133,7 @@ def _run(cfg: CurateConfig, inputs: list[str], output: str, options: StorageOpti
         stage_a = build_stream(cfg, files, options).materialize()
         log.info("filters, captions and tags done in %.1fs", time.time() - started)
         narrow = _collect(stage_a, NARROW)
-        kept = [r for r in narrow if r["reason"] is None]
-        duplicates = find_duplicates(kept, cfg.filters.dedup)
-        survivors = [r for r in kept if r["order"] not in duplicates]
-        selection = select(survivors, cfg.composition, known)
-        rejects = [r for r in narrow if r["reason"] is not None]
-        for row in kept:
-            if (d := duplicates.get(row["order"])) is not None:
-                rejects.append({**row, "stage": d.stage, "reason": d.reason, "detail": d.detail})
-        for row in survivors:
-            if row["order"] not in selection.copies:
-                target = selection.targets.get(row["task"], {}).get(row["category"], 0)
-                rejects.append({**row, "stage": "rebalance", "reason": "over_budget",
-                                "detail": f"{row['task']}/{row['category']}: target {target}"})
-        plan: dict[int, tuple[int, int]] = {}
-        position = 0
-        for order in sorted(selection.copies):
-            plan[order] = (selection.copies[order], position)
-            position += selection.copies[order]
+        rejects, selection, plan, position = _decide(narrow, cfg, known)
         report = composition_report(
             config_name=cfg.name, config_hash=processing_hash(cfg), inputs=[store.normalize(i) for i in inputs],
             input_rows=len(narrow), rejects=rejects, selection=selection, output_rows=position,

@@ -2,25 +2,38 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
-_HELP = """Encode a curated set with the teacher: prompt embeddings + VAE latents -> Parquet shards.
+_HELP = (
+    "Encode a curated set with the teacher: prompt embeddings + VAE latents -> Parquet shards.\n\n"
+    "Reads INPUT, a finished `fewstep curate` output (manifest.json + curated/part-*.parquet). Writes "
+    "OUTPUT/shards/part-*.parquet (the shard schema), OUTPUT/empty_prompt.parquet (the unconditional "
+    "embedding for T2I CFG), OUTPUT/rejects/ (rows that could not be encoded, with a reason), "
+    "OUTPUT/stats/ (Ray Data per-operator stats) and OUTPUT/manifest.json, last.\n\n"
+    "The text encoder and the VAE run as Ray Data actor pools; size them in the config "
+    "(text_encoder.pool_size, batch_size, num_cpus, num_gpus; the same for vae).\n\n"
+    "Rerunning the same command after a crash or a kill resumes: finished shards are kept, the rest "
+    "are made again, and the result is byte-identical to an uninterrupted run. A finished output is "
+    "left as it is.\n\n"
+    "Example: fewstep precompute --config configs/precompute/default.yaml --teacher runs/teacher "
+    "--input runs/curated --output runs/shards --set rows_per_shard=128"
+)
 
-Reads INPUT (a finished `fewstep curate` output: manifest.json + curated/part-*.parquet) and
-writes OUTPUT/shards/part-*.parquet (the shard schema), OUTPUT/empty_prompt.parquet (the
-unconditional embedding for T2I CFG), OUTPUT/rejects/ (rows that could not be encoded, with a
-reason), OUTPUT/stats/ (Ray Data per-operator stats) and OUTPUT/manifest.json, last.
 
-The text encoder and the VAE run as Ray Data actor pools (configs/precompute/*.yaml:
-text_encoder.pool_size / batch_size / num_cpus / num_gpus, same for vae). Rerunning the same
-command after a crash or kill resumes: finished shards are kept, the rest are made again, and the
-result is byte-identical to an uninterrupted run.
+_REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "precompute"
 
-Example:
 
-  fewstep precompute --config configs/precompute/default.yaml --teacher runs/teacher \\
-      --input runs/curated --output runs/shards --set rows_per_shard=128
-"""
+def _config_path(value: str) -> Path:
+    """A YAML path, or a preset name ("default", "gpu") from the repository's configs/precompute/."""
+    path = Path(value)
+    if path.exists():
+        return path
+    for candidate in (_REPO_CONFIGS / f"{value}.yaml", _REPO_CONFIGS / path.name):
+        if candidate.exists():
+            return candidate
+    return path  # load_config says it is missing
 
 
 def _parse_sets(values: list[str]) -> dict:
@@ -43,7 +56,8 @@ def register(app: typer.Typer) -> None:
         teacher: str = typer.Option(..., "--teacher", help="Teacher pipeline directory (local or s3://)."),
         input: str = typer.Option(..., "--input", help="Curate output folder (local or s3://)."),
         output: str = typer.Option(..., "--output", help="Output folder for the shards (local or s3://)."),
-        config: str = typer.Option("configs/precompute/default.yaml", "--config", help="Precompute YAML config."),
+        config: str = typer.Option("configs/precompute/default.yaml", "--config",
+                                   help="Precompute YAML config, or a preset name (default, gpu)."),
         sets: list[str] = typer.Option([], "--set", help="Override a config key: KEY=VALUE (dotted keys, "
                                        "YAML values), repeatable."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Delete precompute output of a different "
@@ -61,7 +75,7 @@ def register(app: typer.Typer) -> None:
 
         settings = get_settings()
         try:
-            cfg = load_precompute_config(config, _parse_sets(sets))
+            cfg = load_precompute_config(_config_path(config), _parse_sets(sets))
             manifest = run_precompute(cfg, teacher, input, output, storage=settings.storage_options(),
                                       ray_address=ray_address or settings.ray_address,
                                       ray_num_cpus=settings.ray_num_cpus, overwrite=overwrite,

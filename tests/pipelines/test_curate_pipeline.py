@@ -189,3 +189,65 @@ def test_other_formats_and_nsfw_keep_all(world, ray_cluster):
     # NSFW ran (the world's images are harmless: no record is rejected for it).
     assert "NsfwFilter" in Path(out, "stats", "filter_tag.txt").read_text()
     assert "nsfw" not in report["rejected_by_reason"]
+
+
+def test_cli_captions_and_tags_prompt_less_images(ray_cluster, tmp_path):
+    """``fewstep curate`` with the bench captioner: images without prompt or category get both."""
+    import base64
+
+    from typer.testing import CliRunner
+
+    from fewstep.bench import world as tiny_world
+    from fewstep.cli import app
+
+    font = next(iter(tiny_world.FONTS))
+    scenes = [("portrait", {"subject": "woman_cook", "position": "left", "size": "large"}),
+              ("portrait", {"subject": "baby", "position": "center", "size": "large", "background": "red"}),
+              ("landscape", {"subject": "cactus", "position": "center", "size": "large", "background": "orange"}),
+              ("landscape", {"subject": "whale", "position": "right", "size": "large", "background": "blue"}),
+              ("text", {"text": "JAZZ", "font": font, "text_color": "white", "size": "large", "background": "blue"}),
+              ("text", {"text": "GOLD", "font": font, "text_color": "black", "size": "large", "background": "green"})]
+    lines = []
+    for index, (category, fields) in enumerate(scenes):
+        image = tiny_world.render_t2i(tiny_world.make_attrs(category, **{"background": "teal", **fields}), 64)
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        lines.append(json.dumps({"id": f"raw-{index}", "image": "data:image/png;base64,"
+                                 + base64.b64encode(buf.getvalue()).decode(), "source": "camera"}))
+    (tmp_path / "raw.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "curate", "--config", str(PRESETS / "default.yaml"), "--input", str(tmp_path / "raw.jsonl"),
+        "--output", str(out), "--set", "captioning.captioner=bench", "--set", "filters.nsfw.enabled=false"])
+    assert result.exit_code == 0, result.output
+    assert "input rows" in result.output and "composition" in result.output
+    _, table = _curated(str(out))
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert set(rows) == {f"raw-{i}" for i in range(len(scenes))}
+    for row in rows.values():
+        meta = json.loads(row["meta"])
+        assert row["caption_origin"] == "captioned" and meta["caption"]["captioner"] == "bench"
+        assert meta["curate"]["category_origin"] == "tagged"
+    right = sum(rows[f"raw-{i}"]["category"] == category for i, (category, _) in enumerate(scenes))
+    assert right >= len(scenes) - 1, {k: (r["prompt"], r["category"]) for k, r in rows.items()}
+    assert "JAZZ" in rows["raw-4"]["prompt"] and "cactus" in rows["raw-2"]["prompt"]
+    assert "woman cook" in rows["raw-0"]["prompt"]
+    first, jazz = (json.loads(rows[k]["meta"])["caption"] for k in ("raw-0", "raw-4"))
+    assert (first["kind"], first["subject"], first["position"]) == ("subject", "woman_cook", "left")
+    assert (jazz["kind"], jazz["text"], jazz["original_prompt"]) == ("text", "JAZZ", None)
+
+
+def test_cli_reports_usage_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from fewstep.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["curate", "--config", str(PRESETS / "mixed.yaml"), "--input",
+                                 str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "not found" in result.output
+    result = runner.invoke(app, ["curate", "--config", str(PRESETS / "mixed.yaml"), "--input", str(tmp_path),
+                                 "--output", str(tmp_path / "o"), "--set", "composition.totl=3"])
+    assert result.exit_code == 2 and "composition.totl" in result.output
+    help_text = runner.invoke(app, ["curate", "--help"]).output
+    assert "--input" in help_text and "ratio-7-3" in help_text

@@ -166,63 +166,58 @@ def test_missing_input_and_bad_config_say_what_to_do(teacher, tmp_path):
         run_precompute({**CONFIG, "text_encoder": {"pool_size": 0}}, teacher, str(tmp_path), str(tmp_path / "o"))
 
 
-def test_kill_and_rerun_gives_identical_output(clean_run, teacher, curated, tmp_path):
-    """SIGKILL a real `fewstep precompute` after its first shard, rerun, compare bytes.
+def test_s3_run_killed_and_resumed_matches_local(clean_run, teacher, s3_bucket, s3_options, tmp_path):
+    """Teacher, input and output on moto S3: SIGKILL a real `fewstep precompute` after its first
+    shard, rerun, and get the local run's manifest (apart from locations) and the same bytes.
 
     The killed CLI joins the test's Ray cluster (a driver of its own, as under `ray job submit`);
     its actors and tasks die with it."""
     import ray
+    import s3fs
 
     clean_out, clean_manifest = clean_run
-    out = tmp_path / "killed"
+    fs = s3fs.S3FileSystem(**s3_options.s3fs_kwargs())
+    s3_teacher, s3_curated, out = f"{s3_bucket}/teacher", f"{s3_bucket}/curated", f"{s3_bucket}/shards"
+    fs.put(teacher.rstrip("/") + "/", s3_teacher[len("s3://"):] + "/", recursive=True)
+    write_curated(s3_curated, _rows(), parts=3, options=s3_options)
     config = tmp_path / "precompute.yaml"
     config.write_text(json.dumps(CONFIG))  # JSON is YAML
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "fewstep.cli", "precompute", "--config", str(config), "--teacher", teacher,
-           "--input", curated, "--output", str(out), "--quiet",
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
+               FEWSTEP_S3_ENDPOINT_URL=s3_options.endpoint_url, FEWSTEP_AWS_ACCESS_KEY_ID="testing",
+               FEWSTEP_AWS_SECRET_ACCESS_KEY="testing")
+    cmd = [sys.executable, "-m", "fewstep.cli", "precompute", "--config", str(config), "--teacher", s3_teacher,
+           "--input", s3_curated, "--output", out, "--quiet",
            "--ray-address", ray.get_runtime_context().gcs_address]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            if len(list((out / "_progress").glob("part-*.json"))) >= 1:
+            if any("/part-" in u for u in storage.list_files(f"{out}/_progress", ".json", s3_options)):
                 break
-            time.sleep(0.02)
+            time.sleep(0.05)
         assert proc.poll() is None, f"precompute ended before it was killed: {proc.stderr.read()[-2000:]}"
         os.killpg(proc.pid, signal.SIGKILL)  # the CLI's own process group (started above)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
-    done = len(list((out / "shards").glob("*.parquet")))
-    assert not (out / "manifest.json").exists() and 1 <= done < len(clean_manifest["shards"])
+    time.sleep(2)  # let Ray reap the dead driver's workers before counting
+    done = len(storage.list_files(f"{out}/shards", ".parquet", s3_options))
+    assert not storage.exists(f"{out}/manifest.json", s3_options)
+    assert 1 <= done < len(clean_manifest["shards"])
 
-    manifest = run_precompute(CONFIG, teacher, curated, str(out), show_progress=False)
-    assert manifest == {**clean_manifest}
-    assert _shard_files(str(out)) == _shard_files(clean_out)
-    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
-    run = json.loads((out / "stats" / "precompute_run.json").read_text())
-    assert run["shards_skipped"] >= 1 and run["shards_written"] + run["shards_skipped"] == 12
-
-
-def test_s3_input_output_and_teacher_match_local(clean_run, teacher, s3_bucket, s3_options):
-    import s3fs
-
-    clean_out, clean_manifest = clean_run
-    fs = s3fs.S3FileSystem(**s3_options.s3fs_kwargs())
-    s3_teacher = f"{s3_bucket}/teacher"
-    fs.put(teacher.rstrip("/") + "/", s3_teacher[len("s3://"):] + "/", recursive=True)
-    s3_curated = f"{s3_bucket}/curated"
-    write_curated(s3_curated, _rows(), parts=3, options=s3_options)
-    s3_out = f"{s3_bucket}/shards"
-    manifest = run_precompute(CONFIG, s3_teacher, s3_curated, s3_out, storage=s3_options, show_progress=False)
+    manifest = run_precompute(CONFIG, s3_teacher, s3_curated, out, storage=s3_options, show_progress=False)
     assert _location_free(manifest) == _location_free(clean_manifest)
-    assert manifest["teacher"]["uri"] == s3_teacher and manifest["input"]["uri"] == s3_curated
-    assert storage.read_json(f"{s3_out}/manifest.json", s3_options) == manifest
-    for entry in manifest["shards"]:
-        assert storage.read_bytes(f"{s3_out}/{entry['path']}", s3_options) == Path(clean_out, entry["path"]).read_bytes()
-    assert storage.exists(f"{s3_out}/stats/precompute_ray_data.txt", s3_options)
+    assert (manifest["teacher"]["uri"], manifest["input"]["uri"]) == (s3_teacher, s3_curated)
+    assert storage.read_json(f"{out}/manifest.json", s3_options) == manifest
+    local = _shard_files(clean_out)
+    remote = {u[len(out) + 1:]: storage.read_bytes(u, s3_options) for u in storage.list_files(out, ".parquet", s3_options)}
+    assert remote == local  # every shard, the empty prompt and the rejects: same names, same bytes
+    assert not [k for k in fs.find(out[len("s3://"):]) if ".tmp-" in k]
+    run = storage.read_json(f"{out}/stats/precompute_run.json", s3_options)
+    assert run["shards_skipped"] >= 1 and run["shards_written"] + run["shards_skipped"] == 12
+    assert storage.exists(f"{out}/stats/precompute_ray_data.txt", s3_options)
 
 
 def test_bfloat16_shards_round_trip(tmp_path):

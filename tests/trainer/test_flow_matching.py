@@ -112,6 +112,26 @@ def test_path_target_and_loss(world, tmp_path):
     assert set(values) == {"loss_t2i", "loss_edit"}
 
 
+def test_zero_weighted_pass_when_another_rank_has_the_task(world, tmp_path):
+    """Under ZeRO-3 every rank must run the same forwards: a rank without edit rows runs one
+    zero-weighted edit row when another rank has some, and its loss is unchanged."""
+    objective = _objective(world, tmp_path, dropout=0.0)
+    rows = _rows(world[1])
+    t2i_only = {k: v[[i for i, t in enumerate(rows["task"]) if t == "t2i"]] for k, v in rows.items()}
+    batch = objective.collate(t2i_only, torch.device("cpu"))
+    alone = Recorder(objective.adapter.transformer)
+    loss_alone, _ = objective.loss(_state(), alone, batch)
+    state = _state()
+    state.any_across_ranks = lambda flags: [True, True]  # as if another rank had edit rows
+    synced = Recorder(objective.adapter.transformer)
+    loss_synced, values = objective.loss(state, synced, batch)
+    assert len(alone.calls) == 1 and len(synced.calls) == 2
+    assert synced.calls[1]["hidden_states"].shape[0] == 1  # one dummy row with its source tokens
+    assert loss_synced.item() == pytest.approx(loss_alone.item(), rel=1e-6)
+    assert "loss_edit" not in values
+    loss_synced.backward()  # the dummy pass is in the graph (its gradient is zero)
+
+
 def test_caption_dropout_uses_unconditional_embeddings(world, tmp_path):
     objective = _objective(world, tmp_path, dropout=1.0)
     objective.setup(_state())

@@ -144,7 +144,7 @@ def image_stats(images: Sequence[Image.Image]) -> dict[str, float]:
     import numpy as np
 
     arrays = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
-    pixel_std = float(arrays.reshape(len(arrays), -1).std(axis=1).mean())
+    pixel_std = float(arrays.std(axis=(1, 2)).mean())  # spatial std per channel: flat colour -> 0
     if len(arrays) < 2:
         return {"pixel_std": pixel_std, "diversity": 0.0}
     flat = arrays.reshape(len(arrays), -1)

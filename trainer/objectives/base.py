@@ -35,7 +35,11 @@ Who steps when
     ``handle.step()`` (optimiser step + zero grad; returns ``{"grad_norm", "lr"}``) and
     ``handle.zero_grad()``. DMD updates the fake score N times, then the student once, per
     iteration. Every rank must make the same sequence of backward/step calls (they are
-    collective under DeepSpeed). Extra batches inside one iteration: ``state.next_batch()``.
+    collective under DeepSpeed) and, under ZeRO-3, the same forward calls on trainable models
+    too (parameters are gathered per forward): when a pass depends on the local batch (say,
+    only some ranks have edit rows), agree with ``state.any_across_ranks`` and run a
+    zero-weighted pass on ranks that lack the rows. Extra batches inside one iteration:
+    ``state.next_batch()``.
 
 Numbers
     ``train_step`` returns a flat ``dict[str, float]`` (losses, grad norms, anything). The
@@ -158,6 +162,21 @@ class TrainState:
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     next_batch: Callable[[], Any] | None = None  # pulls one more collated batch
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def any_across_ranks(self, flags: list[bool]) -> list[bool]:
+        """Element-wise OR of ``flags`` over all ranks (one small all-reduce; all ranks must call).
+
+        Under ZeRO-3 every forward and backward through a trainable engine is collective, so
+        all ranks must make the same calls: agree on optional passes with this (e.g. "does
+        any rank have edit rows in this batch?") and run a zero-weighted pass where needed.
+        """
+        import torch
+
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return list(flags)
+        value = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return [bool(v) for v in value.tolist()]
 
     def cast(self, tensor: torch.Tensor) -> torch.Tensor:
         """Move to the device; floating tensors to the compute dtype."""

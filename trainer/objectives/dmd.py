@@ -101,6 +101,15 @@ class DMDConfig(StrictModel):
         return self.init_from or self.guidance.teachers[self.guidance.base_index()].path
 
 
+def _all_ranks(flag: bool, world_size: int) -> bool:
+    """True when ``flag`` holds on every rank (a MIN all-reduce; no-op on one process)."""
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def _load_transformer(uri: str, storage) -> torch.nn.Module:
     from fewstep.models.adapter import QwenImageAdapter
 
@@ -175,7 +184,10 @@ class DMDObjective(Objective):
         task = self.plan.task_at(state.step)
         self.buffer.push(block)
         pulls, limit = 0, max(4 * self.manifest_rows // max(self.buffer.batch_size, 1), 64)
-        while not self.buffer.ready(task):
+        # Every rank pulls the same number of extra batches (until all ranks have the planned
+        # task): ranks then reach epoch ends together, which Ray Data's split iterators and the
+        # collective optimiser steps both need (a rank alone at an epoch end deadlocks).
+        while not _all_ranks(self.buffer.ready(task), state.world_size):
             if state.next_batch is None or pulls > limit:
                 raise MixtureError(
                     f"mixture.ratio asks for {task!r} batches but {pulls} pulled batches held too few "

@@ -148,19 +148,29 @@ class FlowMatchingObjective(Objective):
         embeds, mask = self._conditions(batch, drop)
         total = x.new_zeros(())
         values: dict[str, float] = {}
-        for task in ("t2i", "edit"):
-            idx = [i for i, name in enumerate(batch.tasks) if name == task]
-            if not idx:
+        tasks = ("t2i", "edit")
+        here = [any(name == task for name in batch.tasks) for task in tasks]
+        # Same forward passes on every rank (ZeRO-3 gathers parameters collectively per forward).
+        for task, needed, present in zip(tasks, state.any_across_ranks(here), here):
+            if not needed:
                 continue
+            idx = [i for i, name in enumerate(batch.tasks) if name == task] if present else [0]
             sel = torch.tensor(idx, device=x.device)
             cond = PromptEmbeds(state.cast(embeds[sel]), mask[sel]).trimmed()
-            source = state.cast(batch.source_latents[sel]) if task == "edit" else None
+            source = None
+            if task == "edit":
+                # A rank without edit rows runs one zero-weighted row with a blank source.
+                source = batch.source_latents[sel] if present else torch.zeros_like(x[sel])
+                source = state.cast(source)
             with state.autocast():
                 pred = self.adapter.predict_velocity(net, state.cast(z[sel]), state.cast(t[sel]), cond,
                                                      source_latents=source)
             per_task = torch.nn.functional.mse_loss(pred.float(), target[sel])
-            total = total + per_task * (len(idx) / n)
-            values[f"loss_{task}"] = float(per_task.detach())
+            if present:
+                total = total + per_task * (len(idx) / n)
+                values[f"loss_{task}"] = float(per_task.detach())
+            else:
+                total = total + per_task * 0.0
         return total, values
 
     def train_step(self, state: TrainState, batch: ShardBatch) -> dict[str, float]:

@@ -23,8 +23,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-log = logging.getLogger(__name__)
-
 from fewstep.bench import world
 from fewstep.bench.judges.features import (
     FEATURE_DIM,
@@ -33,6 +31,8 @@ from fewstep.bench.judges.features import (
     kernel_inception_distance,
     knn_distance,
 )
+
+log = logging.getLogger(__name__)
 
 REFERENCE_SEED = 424242
 DEFAULT_SIZE = 96

@@ -1,0 +1,298 @@
+"""Data engine benchmark: curate + precompute on Ray Data vs a bare single-process loop.
+
+Both sides do the same work on the same bench-world corpus and the same tiny teacher: the
+curate filters (images, text, NSFW, captioning if configured, tagging, dedup, rebalance) and the
+precompute encoders (text encoder, VAE) with the same operator code; the bare loop just calls it
+in one process, with no Ray, no actors and every core for its own torch/ONNX threads. Prints
+rows/s of both, their ratio (goal >= 0.85 on 2 cores) and 1-worker vs 2-worker scaling of the Ray
+pipeline (actors per pool), and appends the numbers and the command to docs/performance.md.
+
+    python benchmarks/data_engine.py                      # small corpus (300 T2I + 300 edit rows)
+    python benchmarks/data_engine.py --t2i-per-category 200 --edit-per-category 100 --cpus 2
+
+This is a benchmark, not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+log = logging.getLogger("data_engine")
+
+
+# ---------------------------------------------------------------------------
+# Ray Data pipeline (the product path)
+# ---------------------------------------------------------------------------
+
+def run_pipeline(work: Path, corpus: Path, teacher: str, workers: int, curate_cfg: Path, pre_cfg: Path) -> dict:
+    from fewstep.config import load_config
+    from pipelines.curate.config import CurateConfig
+    from pipelines.curate.run import run_curate
+    from pipelines.precompute import load_precompute_config, run_precompute
+
+    cur_out, pre_out = work / f"ray-{workers}w-curated", work / f"ray-{workers}w-shards"
+    for folder in (cur_out, pre_out):
+        shutil.rmtree(folder, ignore_errors=True)
+    ccfg = load_config(CurateConfig, curate_cfg, {"ray.actors": workers})
+    pcfg = load_precompute_config(pre_cfg, {"text_encoder.pool_size": workers, "vae.pool_size": workers})
+    started = time.perf_counter()
+    report = run_curate(ccfg, _inputs(corpus), str(cur_out))
+    curated_s = time.perf_counter() - started
+    started = time.perf_counter()
+    manifest = run_precompute(pcfg, teacher, str(cur_out), str(pre_out), show_progress=False)
+    pre_s = time.perf_counter() - started
+    return {"name": f"ray data, {workers} worker(s) per pool", "input_rows": report["input_rows"],
+            "curated_rows": report["output_rows"], "shard_rows": manifest["totals"]["rows"],
+            "curate_s": curated_s, "precompute_s": pre_s, "manifest": manifest}
+
+
+def _inputs(corpus: Path) -> list[str]:
+    return [str(corpus / "t2i"), str(corpus / "edit")]
+
+
+# ---------------------------------------------------------------------------
+# Bare loop: the same operators, one process, no Ray
+# ---------------------------------------------------------------------------
+
+def bare_curate(cfg, inputs: list[str], out: Path, threads: int) -> dict:
+    """The curate operators in a plain loop, then the same global decisions and Parquet parts."""
+    import pyarrow as pa
+
+    from fewstep import storage
+    from fewstep.contract import CURATED_SCHEMA
+    from pipelines.curate import write
+    from pipelines.curate.captioning import CaptionRows
+    from pipelines.curate.dedup import find_duplicates
+    from pipelines.curate.nsfw import NsfwFilter
+    from pipelines.curate.operators import images_op, text_after_caption_op, text_before_caption_op
+    from pipelines.curate.read import iter_file_rows, list_inputs
+    from pipelines.curate.rebalance import select
+    from pipelines.curate.records import from_rows, is_kept, to_rows
+    from pipelines.curate.tagging import TagRows
+
+    files = list_inputs(inputs, cfg.read.extensions, None)
+    rows = [row for f in files for row in iter_file_rows(f, None)]
+    nsfw = NsfwFilter(cfg.filters.nsfw, threads) if cfg.filters.nsfw.enabled else None
+    caption = CaptionRows(cfg.captioning, threads) if cfg.captioning.captioner != "none" else None
+    tag = TagRows(cfg.tagging, threads)
+    done = []
+    size = cfg.ray.batch_size
+    for start in range(0, len(rows), size):
+        table = from_rows(rows[start:start + size])
+        table = images_op(table, limits=cfg.filters.image, identical_pair=cfg.filters.edit_identical_pair)
+        table = text_before_caption_op(table, text=cfg.filters.text, captioning=cfg.captioning)
+        if nsfw is not None:
+            table = nsfw(table)
+        if caption is not None:
+            table = caption(table)
+        table = text_after_caption_op(table, text=cfg.filters.text)
+        done.extend(to_rows(tag(table)))
+    kept = [r for r in done if is_kept(r)]
+    duplicates = find_duplicates(kept, cfg.filters.dedup)
+    survivors = [r for r in kept if r["order"] not in duplicates]
+    known = {task: list(cats) for task, cats in cfg.tagging.categories.items()}
+    selection = select(survivors, cfg.composition, known)
+    records = []
+    for row in sorted(survivors, key=lambda r: r["order"]):
+        for k in range(selection.copies.get(row["order"], 0)):
+            copy = dict(row, origin_id=row["id"])
+            if k:
+                copy["id"] = f"{row['id']}#rep{k}"
+            records.append(write.curated_record(copy))
+    per = cfg.ray.rows_per_part
+    for k in range(0, len(records), per):
+        table = pa.Table.from_pylist(records[k:k + per], schema=CURATED_SCHEMA)
+        storage.write_bytes_atomic(str(out / f"part-{k // per:05d}.parquet"), write.parquet_bytes(table))
+    return {"input_rows": len(done), "curated_rows": len(records)}
+
+
+def bare_precompute(cfg, teacher: str, curated: str, out: Path, threads: int) -> int:
+    """The precompute operators (same classes the actors run) over every shard, in order."""
+    import pyarrow as pa
+
+    from pipelines.precompute.encode import TextEncodeActor, VaeEncodeActor, load_shard
+    from pipelines.precompute.plan import EMPTY_SHARD, ShardPlan, plan_shards, read_curated_input
+    from pipelines.precompute.write import write_shard
+
+    info = read_curated_input(curated)
+    items = [ShardPlan(EMPTY_SHARD, [], 1), *plan_shards(info, cfg.rows_per_shard)]
+    common = (teacher, None, cfg.model_dtype, cfg.dtype, 0.0, threads)
+    text = TextEncodeActor(*common, batch_size=cfg.text_encoder.batch_size, negative_prompt=cfg.negative_prompt,
+                           condition_resolution=cfg.condition_resolution)
+    vae = VaeEncodeActor(*common, batch_size=cfg.vae.batch_size, resolution=cfg.resolution)
+    rows = 0
+    for item in items:
+        table = load_shard(pa.table({"plan": [item.to_json()]}), info.uri, None, cfg.negative_prompt)
+        table = vae(text(table))
+        summary = write_shard(table, str(out), None, info.uri, cfg.dtype, cfg.compression, cfg.row_group_rows,
+                              "bare")
+        rows += json.loads(summary.column("summary")[0].as_py())["rows"] if item.index != EMPTY_SHARD else 0
+    return rows
+
+
+def run_bare(work: Path, corpus: Path, teacher: str, threads: int, curate_cfg: Path, pre_cfg: Path) -> dict:
+    import torch
+
+    from fewstep.config import load_config
+    from fewstep.contract import MANIFEST_NAME, ShardEntry, build_manifest
+    from fewstep.storage import write_json_atomic
+    from pipelines.curate.config import CurateConfig
+    from pipelines.precompute import load_precompute_config
+
+    torch.set_num_threads(threads)
+    cur_out, pre_out = work / "bare-curated", work / "bare-shards"
+    for folder in (cur_out, pre_out):
+        shutil.rmtree(folder, ignore_errors=True)
+    ccfg = load_config(CurateConfig, curate_cfg)
+    pcfg = load_precompute_config(pre_cfg)
+    started = time.perf_counter()
+    counts = bare_curate(ccfg, _inputs(corpus), cur_out / "curated", threads)
+    curate_s = time.perf_counter() - started
+    # A manifest so that the precompute reader accepts the folder (not timed: bookkeeping).
+    import hashlib
+
+    entries = [ShardEntry(f"curated/{p.name}", _rows_of(p), hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size)
+               for p in sorted((cur_out / "curated").glob("*.parquet"))]
+    write_json_atomic(str(cur_out / MANIFEST_NAME), build_manifest(kind="curated", config={}, config_hash="bare",
+                                                                   shards=entries))
+    started = time.perf_counter()
+    shard_rows = bare_precompute(pcfg, teacher, str(cur_out), pre_out, threads)
+    pre_s = time.perf_counter() - started
+    return {"name": f"bare loop, 1 process, {threads} threads", **counts, "shard_rows": shard_rows,
+            "curate_s": curate_s, "precompute_s": pre_s}
+
+
+def _rows_of(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+def _rate(result: dict) -> dict:
+    total = result["curate_s"] + result["precompute_s"]
+    return {"curate": result["input_rows"] / result["curate_s"],
+            "precompute": result["curated_rows"] / result["precompute_s"],
+            "total": result["input_rows"] / total, "total_s": total}
+
+
+def render(results: list[dict], bare: dict, args, load: tuple[float, ...]) -> tuple[str, list[str]]:
+    lines = ["| run | input rows | curated rows | curate s | precompute s | curate rows/s | "
+             "precompute rows/s | end-to-end rows/s | vs bare |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = _rate(bare)["total"]
+    for r in [bare, *results]:
+        rate = _rate(r)
+        lines.append(f"| {r['name']} | {r['input_rows']} | {r['curated_rows']} | {r['curate_s']:.1f} | "
+                     f"{r['precompute_s']:.1f} | {rate['curate']:.2f} | {rate['precompute']:.2f} | "
+                     f"{rate['total']:.2f} | {rate['total'] / base:.2f} |")
+    notes = []
+    by_workers = {r["workers"]: _rate(r)["total"] for r in results}
+    if 1 in by_workers:
+        notes.append(f"ratio Ray Data (1 worker per pool) / bare loop: {by_workers[1] / base:.2f} (goal >= 0.85)")
+    if 1 in by_workers and 2 in by_workers:
+        notes.append(f"scaling 2 workers / 1 worker per pool: {by_workers[2] / by_workers[1]:.2f}x")
+    notes.append(f"machine: {os.cpu_count()} cores, Ray with {args.cpus} logical CPUs, {platform.platform()}; "
+                 f"load average before/after: {load[0]:.1f} / {load[1]:.1f}")
+    return "\n".join(lines), notes
+
+
+def record(table: str, notes: list[str], command: str, path: Path) -> None:
+    """Append a dated entry under '## Data engine' in docs/performance.md (created if missing)."""
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    entry = (f"\n### {stamp}\n\nCommand: `{command}`\n\n{table}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    text = path.read_text() if path.exists() else "# Performance\n"
+    if "## Data engine" not in text:
+        text = text.rstrip("\n") + "\n\n## Data engine\n\nRows/s of curate + precompute (benchmarks/data_engine.py) " \
+            "on the bench-world corpus, Ray Data vs a bare single-process loop of the same operators.\n"
+    head, _, rest = text.partition("## Data engine")
+    # Insert at the end of the Data engine section (before the next '## ' heading).
+    cut = rest.find("\n## ")
+    section, tail = (rest, "") if cut < 0 else (rest[:cut], rest[cut:])
+    path.write_text(head + "## Data engine" + section.rstrip("\n") + "\n" + entry + tail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default=None, help="Working folder (default: a temp dir, removed at the end).")
+    parser.add_argument("--preset", default="small", help="Corpus preset (fewstep corpus build).")
+    parser.add_argument("--t2i-per-category", type=int, default=None)
+    parser.add_argument("--edit-per-category", type=int, default=None)
+    parser.add_argument("--cpus", type=int, default=2, help="Logical CPUs of the embedded Ray cluster.")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="Threads of the bare loop.")
+    parser.add_argument("--workers", default="1,2", help="Actors per pool to measure, comma separated.")
+    parser.add_argument("--curate-config", default=str(REPO / "configs/curate/default.yaml"))
+    parser.add_argument("--precompute-config", default=str(REPO / "configs/precompute/default.yaml"))
+    parser.add_argument("--record", default=str(REPO / "docs/performance.md"),
+                        help="Markdown file to append the results to ('' to skip).")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("ray", "ray.data", "pipelines", "fewstep"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    load_before = os.getloadavg()[0]
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fewstep-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        from fewstep.bench.corpus.build import build_corpus
+        from fewstep.models.tiny import init_tiny, load_tiny_config
+        from fewstep.raysession import ray_session
+
+        corpus = work / "corpus"
+        if not (corpus / "corpus.json").exists():
+            log.info("building the bench-world corpus (%s) in %s", args.preset, corpus)
+            build_corpus(str(corpus), preset=args.preset, seed=0, resolution=64, workers=1, overwrite=True,
+                         options=None, t2i_per_category=args.t2i_per_category,
+                         edit_per_category=args.edit_per_category)
+        teacher = work / "teacher"
+        if not (teacher / "model_index.json").exists():
+            init_tiny(str(teacher), load_tiny_config(REPO / "configs/models/tiny.yaml"), seed=0, overwrite=True)
+        log.info("bare loop (%d threads)", args.threads)
+        bare = run_bare(work, corpus, str(teacher), args.threads, Path(args.curate_config),
+                        Path(args.precompute_config))
+        results = []
+        with ray_session(None, args.cpus):
+            for workers in [int(w) for w in args.workers.split(",")]:
+                log.info("Ray Data pipeline, %d worker(s) per pool", workers)
+                result = run_pipeline(work, corpus, str(teacher), workers, Path(args.curate_config),
+                                      Path(args.precompute_config))
+                result["workers"] = workers
+                results.append(result)
+        for r in results:  # same operators, same input: same counts
+            if (r["input_rows"], r["curated_rows"], r["shard_rows"]) != (
+                    bare["input_rows"], bare["curated_rows"], bare["shard_rows"]):
+                log.warning("row counts differ from the bare loop: %s vs %s", r, bare)
+        table, notes = render(results, bare, args, (load_before, os.getloadavg()[0]))
+        print(table)
+        for note in notes:
+            print(note)
+        if args.record:
+            command = "python benchmarks/data_engine.py " + " ".join(argv if argv is not None else sys.argv[1:])
+            record(table, notes, command.strip(), Path(args.record))
+            print(f"appended to {args.record}")
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Pieces shared by eval, validation and the sampling benchmark (no models needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from trainer.evaluate.sampling import case_noise, count_calls, image_stats, make_grid
+from trainer.objectives.dmd_validation import pick_cases
+
+
+def test_count_calls_counts_samples_per_forward_pass():
+    class Net(torch.nn.Module):
+        def forward(self, hidden_states, timestep=None):
+            return hidden_states
+
+    net = Net()
+    with count_calls(net) as counter:
+        net(hidden_states=torch.zeros(3, 4))
+        net(torch.zeros(2, 4))
+    net(hidden_states=torch.zeros(5, 4))  # outside the block: not counted
+    assert (counter.calls, counter.sample_evals) == (2, 5)
+
+
+def test_case_noise_is_the_pipelines_noise_for_the_seed():
+    expected = torch.randn((1, 1, 4, 8, 8), generator=torch.Generator().manual_seed(123))[:, 0]
+    assert torch.equal(case_noise(123, 4, 8, 8), expected)
+    assert not torch.equal(case_noise(124, 4, 8, 8), expected)
+
+
+def test_collapse_indicators():
+    flat = [Image.new("RGB", (16, 16), (120, 30, 30))] * 3
+    stats = image_stats(flat)
+    assert stats == pytest.approx({"pixel_std": 0.0, "diversity": 0.0}, abs=1e-6)
+    rng = torch.Generator().manual_seed(0)
+    noisy = [Image.fromarray((torch.rand(16, 16, 3, generator=rng) * 255).byte().numpy()) for _ in range(3)]
+    varied = image_stats(noisy)
+    assert varied["pixel_std"] > 0.2 and varied["diversity"] > 0.2
+
+
+def test_validation_cases_are_split_evenly_over_ranks():
+    shares = [pick_cases("t2i-bench-mini", 1, rank, 2) for rank in range(2)]
+    assert [len(s) for s in shares] == [2, 2]  # 3 cases padded to 4
+    assert {c.category for s in shares for c in s} == {"portrait", "landscape", "text"}
+    assert len(pick_cases("editing-bench-mini", 2, 0, 1)) == 12
+
+
+def test_grid_shape():
+    grid = make_grid([Image.new("RGB", (8, 8))] * 5, ["a"] * 5, columns=2, cell=10)
+    assert grid.size == (20, 3 * (10 + 12))
