@@ -7,13 +7,16 @@ size, threads and number of steps, one after the other in one run:
 - ``bare``: one Python process, plain ``torch.optim.AdamW`` per trainable model, rows read
   with pyarrow; no Ray, no DeepSpeed, no checkpoints.
 - ``ray``: ``fewstep distill``'s runtime: a Ray Train ``TorchTrainer`` with one worker holding
-  the same threads, each trainable model in a DeepSpeed engine (ZeRO stage as configured).
+  the same threads, each trainable model in a DeepSpeed engine (ZeRO-0 by default, as the
+  flow-matching throughput run of ``benchmarks/trainer.py``), shards streamed, metrics and
+  ``ray.train.report`` every step.
 
 Steady-state steps/s excludes the first ``warmup`` steps of each (model loading, DeepSpeed op
 builds, the first allocations). Goal: ray / bare >= 0.90. Used by ``benchmarks/trainer.py``
-(DMD section) and runnable alone::
+(its DMD section) and runnable alone; without ``--teacher``/``--data`` it builds the random
+``teacher``-preset world of ``benchmarks/trainer.py``::
 
-    python benchmarks/dmd_step.py --teacher assets/teachers/base --data runs/demo/shards
+    python benchmarks/dmd_step.py [--teacher DIR --data SHARDS] [--steps 12 --batch-size 8]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -150,8 +154,8 @@ def ray_run(teacher: str, data: str, *, steps: int, batch_size: int, threads: in
             "steps": len(gaps)}
 
 
-def compare(teacher: str, data: str, *, steps: int = 12, batch_size: int = 8, threads: int = 2,
-            fake_updates: int = 2, warmup: int = 3, zero_stage: int = 2,
+def compare(teacher: str, data: str, *, steps: int = 12, batch_size: int = 8, threads: int = 1,
+            fake_updates: int = 2, warmup: int = 3, zero_stage: int = 0,
             runs_dir: str | None = None) -> dict[str, Any]:
     runs_dir = runs_dir or tempfile.mkdtemp(prefix="bench-dmd-runs-")
     common = {"steps": steps, "batch_size": batch_size, "threads": threads, "fake_updates": fake_updates,
@@ -167,30 +171,59 @@ def compare(teacher: str, data: str, *, steps: int = 12, batch_size: int = 8, th
             "zero_stage": zero_stage}
 
 
+def render_markdown(result: dict[str, Any]) -> str:
+    bare, ray = result["bare"], result["ray_deepspeed"]
+    return "\n".join([
+        f"**DMD step.** One DMD iteration ({result['fake_updates']} fake-score updates + 1 student update: "
+        "backward simulation over the 4-step student, teacher with true CFG 4, DMD2 surrogate) on the "
+        f"`teacher`-preset transformer (student, fake score and teacher), batch {result['batch_size']}, "
+        f"{result['threads']} thread(s), {bare['steps']} timed steps after {result['warmup']} warm-up steps. "
+        "Bare: the same `DMDObjective.train_step` in one process with torch AdamW and rows in memory. "
+        f"Runtime: Ray Train (1 worker), DeepSpeed ZeRO-{result['zero_stage']} engines for student and fake "
+        "score, shards streamed, metrics + `ray.train.report` every step.",
+        "",
+        "| loop | steps/s | s/step (median) |",
+        "| --- | --- | --- |",
+        f"| bare torch | {bare['steps_per_s']:.3f} | {bare['seconds_per_step']:.3f} |",
+        f"| Ray Train + DeepSpeed | {ray['steps_per_s']:.3f} | {ray['seconds_per_step']:.3f} |",
+        f"| **ratio** (goal >= 0.90) | **{result['ratio']:.3f}** | |",
+    ])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--teacher", default=str(REPO / "assets" / "teachers" / "base"))
-    parser.add_argument("--data", default=str(REPO / "runs" / "demo" / "shards"))
+    parser.add_argument("--teacher", default=None, help="Teacher pipeline (default: a random teacher preset).")
+    parser.add_argument("--data", default=None, help="Shards encoded with --teacher.")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fake-updates", type=int, default=2)
-    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--zero-stage", type=int, default=0)
+    parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=str(REPO / "runs" / "bench" / "dmd_step.json"))
     args = parser.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    if (args.teacher is None) != (args.data is None):
+        print("error: give both --teacher and --data, or neither", file=sys.stderr)
+        return 2
+    if args.teacher is None:
+        from trainer.runtime.synthetic import ensure_tiny_world
+
+        work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-dmd-"))
+        args.teacher, args.data = ensure_tiny_world(work / "world", t2i_rows=max(4 * args.batch_size, 64),
+                                                    edit_rows=0, preset="teacher")
     for label, path, marker in (("teacher", args.teacher, "model_index.json"), ("data", args.data, "manifest.json")):
         if not (Path(path) / marker).exists():
-            print(f"error: --{label} {path} has no {marker} (run `make demo` first)", file=sys.stderr)
+            print(f"error: --{label} {path} has no {marker}", file=sys.stderr)
             return 2
     result = compare(args.teacher, args.data, steps=args.steps, batch_size=args.batch_size, threads=args.threads,
                      fake_updates=args.fake_updates, warmup=args.warmup, zero_stage=args.zero_stage)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print("| loop | steps/s | s/step |\n| --- | --- | --- |")
-    for name in ("bare", "ray_deepspeed"):
-        r = result[name]
-        print(f"| {name} | {r['steps_per_s']:.3f} | {r['seconds_per_step']:.3f} |")
+    print(render_markdown(result))
     print(f"\nDMD step, batch {args.batch_size}, {args.fake_updates} fake updates, {args.threads} threads: "
           f"Ray Train + DeepSpeed / bare = {result['ratio']:.3f} (goal >= 0.90); results: {args.out}")
     return 0

@@ -127,6 +127,10 @@ def main() -> None:
     parser.add_argument("--mem-batch", type=int, default=2)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
+    # DMD section (owned by the DMD area: benchmarks/dmd_step.py does the measuring).
+    parser.add_argument("--skip-dmd", action="store_true", help="Skip the DMD step throughput part.")
+    parser.add_argument("--dmd-steps", type=int, default=12)
+    parser.add_argument("--dmd-batch", type=int, default=8)
     parser.add_argument("--out", default=str(REPO / "docs" / "performance.md"))
     parser.add_argument("--workdir", default=None, help="Keep models/shards here (default: a temp dir).")
     args = parser.parse_args()
@@ -185,6 +189,15 @@ def main() -> None:
         print(f"[bench] memory ratio ZeRO-3 / ZeRO-0: {memory['ratio']:.3f} "
               f"(above baseline {memory['ratio_above_baseline']:.3f}; goal <= 0.6)", flush=True)
 
+    if not args.skip_dmd:
+        # DMD section: the same DMD iteration bare vs under the runtime (benchmarks/dmd_step.py).
+        from benchmarks.dmd_step import compare
+
+        print("[bench] DMD step: bare torch loop vs Ray Train + DeepSpeed ZeRO-0, 1 worker", flush=True)
+        results["dmd"] = compare(pipeline, shards, steps=args.dmd_steps, batch_size=args.dmd_batch,
+                                 threads=args.threads, runs_dir=str(runs))
+        print(f"[bench] DMD ratio {results['dmd']['ratio']:.3f} (goal >= 0.90)", flush=True)
+
     print(json.dumps(results, indent=2))
     write_section(Path(args.out), render(results, args))
     print(f"[bench] wrote {args.out}")
@@ -230,6 +243,10 @@ def render(results: dict, args) -> str:
             f"baseline: **{m['ratio_above_baseline']:.3f}**.",
             "",
         ]
+    if "dmd" in results:  # DMD section (benchmarks/dmd_step.py)
+        from benchmarks.dmd_step import render_markdown
+
+        lines += [render_markdown(results["dmd"]), ""]
     return "\n".join(lines)
 
 

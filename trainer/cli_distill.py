@@ -24,12 +24,9 @@ def distill(
 ) -> None:
     """DMD distillation of a few-step student from frozen teacher(s).
 
-    Student and fake score start from the base teacher; each iteration updates the fake score
-    objective.fake_updates times (flow matching on the student's samples), then the student
-    once (DMD with backward simulation; real score = step-wise lambda mix of the teachers with
-    CFG). Metrics go to <run>/metrics.jsonl, the student to <run>/final (a diffusers pipeline
-    directory: QwenImagePipeline.from_pretrained(...) with num_inference_steps=4,
-    true_cfg_scale=1). Rerunning the same run name resumes from its last checkpoint.
+    Student and fake score start from the base teacher; each iteration updates the fake score objective.fake_updates times (flow matching on the student's samples), then the student once (DMD with backward simulation; real score = step-wise lambda mix of the teachers with CFG).
+
+    Metrics go to <run>/metrics.jsonl (losses, grad norms, the mixture's served ratio, periodic judge scores), the student to <run>/final: a diffusers pipeline directory for QwenImagePipeline.from_pretrained(...) with num_inference_steps=4, true_cfg_scale=1. Rerunning the same run name resumes from its last checkpoint. See docs/distill.md.
 
     Example: fewstep distill --config configs/distill/base.yaml --data runs/demo/shards
     """
@@ -65,11 +62,9 @@ def evaluate(
 ) -> None:
     """Sample t2i-bench-mini and editing-bench-mini with any models and judge them.
 
-    Teachers default to 80 NFE with CFG 4, students to their exported steps without CFG; any
-    model may set nfe, guidance_scale and shift. Runs as a Ray Data job (FEWSTEP_RAY_ADDRESS to
-    join a cluster). Writes report.json/report.md, tables/<bench>.md|csv (per category, with
-    NFE, network calls and seconds per image), cases/<model>/<bench>.jsonl (per case) and
-    grids/<bench>/<category>.png.
+    Teachers default to 80 NFE with CFG 4, students to their exported steps without CFG; any model may set nfe, guidance_scale and shift. Runs as a Ray Data job (FEWSTEP_RAY_ADDRESS joins a cluster).
+
+    Writes report.json and report.md, tables/<bench>.md|csv (per category, with NFE, network calls and seconds per image), cases/<model>/<bench>.jsonl (one JSON per case) and grids/<bench>/<category>.png.
 
     Example: fewstep eval --config configs/eval/mini.yaml --out runs/eval-mini
     """
@@ -99,14 +94,14 @@ def demo(
     config: Path = typer.Option(None, "--config", "-c", help="Demo config (default: "
                                 "configs/demo/default.yaml): corpus, teacher, storage, Ray address."),
     out: str = typer.Option(None, "--out", help="Run folder (overrides run_dir)."),
-    set_: list[str] = typer.Option([], "--set", help="Any config key, e.g. --set distill.steps=20."),
+    set_: list[str] = typer.Option([], "--set", help="Any key of the demo config, e.g. --set teacher=DIR "
+                                   "or --set corpus.uri=DIR (repeatable; values are YAML)."),
 ) -> None:
     """The main job end to end on this machine: corpus -> curate -> precompute -> distill -> eval.
 
-    Builds the small corpus (or uses --config's), curates it to a composition, precomputes
-    with the shipped base teacher, distills a 4-step student on a short budget, evaluates the
-    teacher (80 NFE, CFG) and the student (4 NFE) on the mini benches and prints the
-    teacher-vs-student table. Writes <run>/summary.json. No network needed.
+    Builds the small corpus (or uses the config's), curates it to a composition, precomputes with the shipped base teacher, distills a 4-step student on a short budget, evaluates the teacher (80 NFE, CFG) and the student (4 NFE) on the mini benches and prints the teacher-vs-student table. Writes <run_dir>/summary.json. No network needed; finished stages are reused.
+
+    Example: fewstep demo --set teacher=path/to/teacher --out runs/demo2
     """
     from fewstep.config import ConfigError
     from trainer.demo import DemoError, load_demo_config, run_demo

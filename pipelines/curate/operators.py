@@ -42,6 +42,8 @@ _DECISIONS: dict[str, dict] = {}
 
 
 def _decisions(ref) -> dict:
+    if isinstance(ref, dict):  # a plan passed directly (tests, single process)
+        return ref
     import ray
 
     key = ref.hex()

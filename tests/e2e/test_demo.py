@@ -36,8 +36,11 @@ def test_demo_end_to_end(tmp_path, ray_cluster, capsys):
                    "set": {"composition": {"tasks": {"t2i": {"weight": 0.5}, "edit": {"weight": 0.5}},
                                            "total": 24}, "filters.nsfw.enabled": False}},
         "distill": {"config": "configs/distill/demo.yaml",
-                    "set": {"train.max_steps": 2, "train.batch_size": 2, "train.checkpoint_every": 2,
-                            "objective.fake_updates": 1, "objective.validation.every": 2,
+                    # 6 steps of 2 rows per worker cross epoch ends (12 rows per worker) while the
+                    # mixture pulls extra rows: ranks must stay in lockstep or Ray Train hangs.
+                    "set": {"train.max_steps": 6, "train.batch_size": 2, "train.checkpoint_every": 3,
+                            "train.log_every": 1, "objective.fake_updates": 1,
+                            "objective.validation.every": 3,
                             "objective.mixture.ratio": {"t2i": 1, "edit": 1}}},
         "eval": {"config": str(eval_cfg)},
     })

@@ -103,3 +103,23 @@ def test_impossible_counts_are_config_errors():
         load_config(CurateConfig, PRESETS / "mixed.yaml", {"composition.tasks.t2i.count": 5})
     with pytest.raises(ConfigError, match="captioning"):
         load_config(CurateConfig, PRESETS / "default.yaml", {"captioning.captioner": "vlm"})
+
+
+def test_repeats_get_unique_ids_and_consecutive_positions():
+    from pipelines.curate.operators import apply_decisions
+    from pipelines.curate.records import from_rows, new_row
+    from pipelines.curate.run import _decide
+
+    narrow = [new_row(order=i, id=f"r{i}", task="t2i", category="portrait", prompt=f"prompt {i}",
+                      input=f"f#{i}") for i in range(4)]
+    narrow.append(new_row(order=9, id="bad", task="t2i", stage="image", reason="image_empty", input="f#9"))
+    cfg = CurateConfig.model_validate({"composition": {"tasks": {"t2i": {"weight": 1, "categories": {
+        "portrait": {"count": 7}}}}, "replace": True, "total": 7, "seed": 1}})
+    rejects, selection, plan, position = _decide(narrow, cfg, KNOWN)
+    assert position == 7 and [r["reason"] for r in rejects] == ["image_empty"]
+    out = apply_decisions(from_rows(narrow), [plan], rows_per_part=3).to_pylist()
+    assert len(out) == 7 and len({r["id"] for r in out}) == 7
+    assert sorted(r["position"] for r in out) == list(range(7))
+    assert {r["origin_id"] for r in out} == {"r0", "r1", "r2", "r3"}
+    assert all(r["id"] == r["origin_id"] or r["id"].startswith(r["origin_id"] + "#rep") for r in out)
+    assert [r["part"] for r in sorted(out, key=lambda r: r["position"])] == [0, 0, 0, 1, 1, 1, 2]

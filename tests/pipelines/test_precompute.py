@@ -191,13 +191,13 @@ def test_s3_run_killed_and_resumed_matches_local(clean_run, teacher, s3_bucket, 
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if any("/part-" in u for u in storage.list_files(f"{out}/_progress", ".json", s3_options)):
-                break
+        deadline, first = time.time() + 600, False
+        while not first and time.time() < deadline and proc.poll() is None:
+            first = any("/part-" in u for u in storage.list_files(f"{out}/_progress", ".json", s3_options))
             time.sleep(0.05)
         assert proc.poll() is None, f"precompute ended before it was killed: {proc.stderr.read()[-2000:]}"
         os.killpg(proc.pid, signal.SIGKILL)  # the CLI's own process group (started above)
+        assert first, "no shard finished within 10 minutes"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -42,7 +42,8 @@ def resolve_model(entry: ModelEntry, storage: StorageOptions | None = None) -> d
 
 
 def plan_items(config: EvalConfig, models: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One work item per (model, bench, category, chunk of at most ``batch_size`` cases)."""
+    """Work items of at most ``batch_size`` cases of one (model, bench), categories in bench order
+    (large batches amortise the per-call cost of the transformer)."""
     from fewstep.bench.benches import load_bench
 
     items = []
@@ -52,12 +53,12 @@ def plan_items(config: EvalConfig, models: list[dict[str, Any]]) -> list[dict[st
             cap = config.teacher_cases_per_category
         for bench in config.benches:
             cases = load_bench(bench)
+            ids = []
             for category in dict.fromkeys(c.category for c in cases):
-                ids = [c.id for c in cases if c.category == category][:cap]
-                for start in range(0, len(ids), config.batch_size):
-                    items.append({"model": model, "bench": bench, "category": category,
-                                  "case_ids": ids[start:start + config.batch_size],
-                                  "resolution": config.resolution})
+                ids += [c.id for c in cases if c.category == category][:cap]
+            for start in range(0, len(ids), config.batch_size):
+                items.append({"model": model, "bench": bench, "case_ids": ids[start:start + config.batch_size],
+                              "resolution": config.resolution})
     return items
 
 

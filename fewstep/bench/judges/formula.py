@@ -10,14 +10,17 @@ T2I:
     raw = 1 + 4 C (0.25 + 0.75 Q)           (quality scales compliance; it cannot replace it)
     score = round(raw), capped at 2 if the core instruction failed (wrong subject / wrong word).
 
-Editing (sub-scores in the category's keys, each round(1 + 4 x)):
-    I  instruction: 0.5 * [target attribute present] + 0.5 * toward_target, where toward_target =
-       d(out, source) / (d(out, source) + d(out, target)) in the edited region (1 = the target);
-       for word/skin-tone/subject/style the attribute term is graded by its strength;
+Editing (the sub-scores, in the category's keys, are round(1 + 4 x) of I, P and Q):
+    I  instruction in [0, 1]: 0.5 * attribute + 0.5 * toward_target, where attribute is 1 when the
+       target attribute is present (background colour, OCR word, skin tone, subject, style; for
+       object and enhancement edits: the edited region reached the target) else its graded strength,
+       and toward_target = d(out, source) / (d(out, source) + d(out, target)) in the edited region
+       (the whole image for global edits): 1 = the output is the target, 0 = still the source;
     P  preservation of what must not change (category-specific, see ``preservation``);
-    Q  quality as for T2I, against real edit targets of the category;
-    raw = 1 + 4 (0.5 I + 0.25 P + 0.25 Q) * (0.25 + 0.75 Q) / (0.25 + 0.75 Q) ... see edit_raw
-    overall = round(raw), capped at 2 if the edit was not done (attribute absent or
+    Q  quality as for T2I, against real edit targets of the same category;
+    C  = 0.6 I + 0.4 P
+    raw = 1 + 4 C (0.25 + 0.75 Q)
+    overall = round(raw), capped at 2 if the edit was not done (attribute absent, or
     toward_target <= 0.5).
 
 Every constant is here, named, and versioned by ``FORMULA_VERSION``.
@@ -41,6 +44,7 @@ NOISE_OK, NOISE_BAD = 2.0, 12.0
 FEATURE_OK, FEATURE_SPAN = 1.3, 0.7
 # Weights of the compliance terms and the quality floor.
 CORE_WEIGHT, ATTRIBUTE_WEIGHT = 0.6, 0.4
+INSTRUCTION_WEIGHT, PRESERVATION_WEIGHT = 0.6, 0.4
 QUALITY_FLOOR = 0.25
 CAP_ON_FAILED_CORE = 2
 # Mean absolute difference (0-255) at which preservation reaches 0.
@@ -127,10 +131,7 @@ def t2i_verdict(m: dict[str, Any]) -> T2IVerdict:
 def instruction(m: dict[str, Any]) -> tuple[float, bool]:
     attr = m["attribute"]
     toward = float(m["toward_target"])
-    present = float(attr.get("strength", 1.0 if attr["passed"] else 0.0)) if "strength" in attr else float(
-        attr["passed"])
-    if attr["passed"]:
-        present = 1.0
+    present = 1.0 if attr["passed"] else float(attr.get("strength", 0.0))
     done = bool(attr["passed"]) and toward > TOWARD_TARGET_PASS
     return 0.5 * present + 0.5 * toward, done
 
@@ -155,11 +156,11 @@ def edit_parts(m: dict[str, Any]) -> dict[str, Any]:
     i, done = instruction(m)
     p = preservation(m)
     qd = quality(m["quality"])
-    base = 0.5 * i + 0.25 * p + 0.25 * qd["Q"]
-    raw = 1 + 4 * base * (QUALITY_FLOOR + (1 - QUALITY_FLOOR) * qd["Q"]) / (QUALITY_FLOOR + (1 - QUALITY_FLOOR))
+    c = INSTRUCTION_WEIGHT * i + PRESERVATION_WEIGHT * p
+    raw = 1 + 4 * c * (QUALITY_FLOOR + (1 - QUALITY_FLOOR) * qd["Q"])
     if not done:
         raw = min(raw, CAP_ON_FAILED_CORE)
-    return {"I": round(i, 4), "P": round(p, 4), "Q": qd["Q"], "noise_q": qd["noise"], "feature_q": qd["feature"],
+    return {"I": round(i, 4), "P": round(p, 4), "C": round(c, 4), "Q": qd["Q"], "noise_q": qd["noise"], "feature_q": qd["feature"],
             "done": done, "raw": round(raw, 4)}
 
 
