@@ -138,6 +138,7 @@ def score_bench(bench_name: str, images: dict[str, Image.Image | None], judge: J
                     ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""))
     problems = problems or {}
     results: list[CaseResult] = []
+    judge.prepare([(c, images[c.id]) for c in cases if images.get(c.id) is not None and c.id not in problems])
     for case in tqdm(cases, desc=f"judge {bench_name}", unit="case", disable=not progress):
         base = {"case_id": case.id, "category": case.category, "task": case.task}
         image = images.get(case.id)

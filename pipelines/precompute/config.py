@@ -58,6 +58,9 @@ class PrecomputeConfig(StrictModel):
     cpu_limit: float | None = Field(
         None, gt=0, description="Most logical CPUs this run's Ray Data plan may use (null: the whole "
         "cluster); lets precompute share a cluster, and models a small machine on a big one.")
+    executor: Literal["ray", "local"] = Field(
+        "ray", description="ray: Ray Data actor pools; local: the same operators in this process, "
+        "one shard at a time (a single GPU box without Ray, debugging). Same output bytes.")
     text_encoder: PoolConfig = Field(default_factory=PoolConfig)
     vae: PoolConfig = Field(default_factory=PoolConfig)
     io: IoConfig = Field(default_factory=IoConfig)
@@ -73,6 +76,7 @@ class PrecomputeConfig(StrictModel):
             data[pool] = {"batch_size": data[pool]["batch_size"]}
         data.pop("io")
         data.pop("cpu_limit")
+        data.pop("executor")
         return data
 
     def identity_hash(self) -> str:

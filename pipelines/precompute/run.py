@@ -81,7 +81,12 @@ def run_precompute(config: PrecomputeConfig | dict | str | None, teacher: str, i
     summaries = dict(done)
     ray_stats = None
     encode_started = time.perf_counter()
-    if todo:
+    if todo and cfg.executor == "local":
+        from pipelines.precompute.local import execute_local
+
+        summaries.update(execute_local(cfg, todo, teacher, input, output, options, pid,
+                                       info.has_images, show_progress))
+    elif todo:
         with ray_session(ray_address, ray_num_cpus):
             new, ray_stats = _execute(cfg, todo, teacher, input, output, options, pid, info.has_images,
                                       show_progress)

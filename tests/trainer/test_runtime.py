@@ -38,6 +38,7 @@ def _raw(world, runs_dir: str, name: str, **train) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_run_resumes_from_last_checkpoint(world, ray_cluster, tmp_path):
     from diffusers import QwenImagePipeline
 
@@ -62,6 +63,7 @@ def test_worker_killed_mid_run_resumes_from_last_checkpoint(world, ray_cluster, 
     assert QwenImagePipeline.from_pretrained(result.final_uri).transformer is not None
 
 
+@pytest.mark.slow
 def test_s3_storage_checkpoints_and_resumes(world, ray_cluster, s3_bucket, s3_options, tmp_path):
     from trainer.runtime.config import TrainConfig
     from trainer.runtime.launch import launch
@@ -87,6 +89,27 @@ def test_s3_storage_checkpoints_and_resumes(world, ray_cluster, s3_bucket, s3_op
     assert [r["step"] for r in read_metrics(run, s3_options)] == [2, 4, 6]
     assert storage.exists(storage.join(run, "final", "transformer", "config.json"), s3_options)
     assert storage.exists(storage.join(run, "config.yaml"), s3_options)
+
+
+def test_local_launcher_s3_folder_store(world, s3_bucket, s3_options):
+    """The Ray-less launcher keeps its own checkpoints (s3 here), prunes old ones and resumes."""
+    from trainer.runtime.config import TrainConfig
+    from trainer.runtime.launch import launch
+    from trainer.runtime.metrics import read_metrics
+
+    raw = _raw(world, f"{s3_bucket}/runs", "local-s3", max_steps=4, checkpoint_every=2, log_every=1,
+               keep_checkpoints=1, export=False, batch_size=8)
+    raw.update(launcher="local", device="cpu")
+    raw["deepspeed"]["enabled"] = False
+    first = launch(TrainConfig.model_validate(raw), options=s3_options)
+    assert first.metrics["step"] == 4
+    root = f"{s3_bucket}/runs/local-s3/checkpoints"
+    done = storage.list_files(root, "COMPLETE", s3_options)
+    assert [u.rsplit("/", 2)[-2] for u in done] == ["step-00000004"]  # step 2 pruned
+    raw["train"].update(max_steps=6)
+    second = launch(TrainConfig.model_validate(raw), options=s3_options)
+    assert second.metrics["resumed_from"] == 4 and second.metrics["step"] == 6
+    assert [r["step"] for r in read_metrics(f"{s3_bucket}/runs/local-s3", s3_options)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_config_errors_name_the_field(world, tmp_path):

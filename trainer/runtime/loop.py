@@ -197,6 +197,7 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
     window: dict[str, list[float]] = {}
     window_start, window_steps = time.monotonic(), 0
     last: dict[str, Any] = {"step": position.step}
+    deadline = time.monotonic() + train.max_minutes * 60 if train.max_minutes else None
     try:
         while state.step < train.max_steps:
             rows = next(stream)
@@ -220,7 +221,12 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
             local["samples_per_s"] = window_steps * train.batch_size / elapsed
             local["peak_mem_mb"] = _peak_mem_mb(device)
             local["mem_before_models_mb"] = mem_before_models
+            if deadline is not None:
+                local["time_up"] = float(time.monotonic() > deadline)
             reduced = _reduce_metrics(local, world)
+            # Any rank past the budget stops every rank at this same step.
+            time_up = reduced.pop("time_up", 0.0) > 0
+            is_ckpt = is_ckpt or time_up
             reduced["samples_per_s"] *= world  # every rank saw its own batches
             reduced["steps_per_s"] = window_steps / elapsed
             last = {"step": state.step, "epoch": position.epoch, "time": time.time(),
@@ -240,6 +246,10 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
             ctx.store.report(_finite(last), ckpt_dir, state.step)
             if ckpt_dir is not None:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
+            if time_up:
+                log.info("train.max_minutes reached at step %d of %d: stopping", state.step,
+                         train.max_steps)
+                break
     finally:
         progress.close()
         if metrics_log is not None:

@@ -30,6 +30,10 @@ class Judge(ABC):
     @abstractmethod
     def judge_edit(self, case: Any, source: Image.Image, output: Image.Image) -> EditVerdict: ...
 
+    def prepare(self, items: list[tuple[Any, Image.Image]]) -> None:
+        """Optional batch hint before judging ``(case, image)`` pairs one by one (no-op by default)."""
+        return None
+
     def set_summary(self, category: str, images: list[Image.Image]) -> dict[str, float]:
         """Per-set metrics for one category (e.g. FID/KID); judges without any return {}."""
         return {}

@@ -7,8 +7,10 @@ T2I:
        position, size, count, skin tone; for text: text colour, background, position, size);
     Q  quality in [0, 1]: min(noise ramp, feature-distance ramp), see ``quality``;
     C  = 0.6 K + 0.4 A
-    raw = 1 + 4 C (0.25 + 0.75 Q)           (quality scales compliance; it cannot replace it)
-    score = round(raw), capped at 2 if the core instruction failed (wrong subject / wrong word).
+    core passed: raw = 1 + 4 C (0.25 + 0.75 Q)   (quality scales compliance; it cannot replace it)
+    core failed: raw = 1 + min(1, A / 0.25) Q    (the rubric's 2, "mostly fails although parts are
+                 right", needs a usable image with at least one stated attribute right; else 1)
+    score = round half up (raw), so a failed core instruction (wrong subject / wrong word) caps at 2.
 
 Editing (the sub-scores, in the category's keys, are round(1 + 4 x) of I, P and Q):
     I  instruction in [0, 1]: 0.5 * attribute + 0.5 * toward_target, where attribute is 1 when the
@@ -19,9 +21,9 @@ Editing (the sub-scores, in the category's keys, are round(1 + 4 x) of I, P and 
     P  preservation of what must not change (category-specific, see ``preservation``);
     Q  quality as for T2I, against real edit targets of the same category;
     C  = 0.6 I + 0.4 P
-    raw = 1 + 4 C (0.25 + 0.75 Q)
-    overall = round(raw), capped at 2 if the edit was not done (attribute absent, or
-    toward_target <= 0.5).
+    edit done:     raw = 1 + 4 C (0.25 + 0.75 Q)
+    edit not done: raw = 1 + P Q   (attribute absent, or toward_target <= 0.5: at most 2, and 2 only
+                   for a clean image that kept the source)
 
 Every constant is here, named, and versioned by ``FORMULA_VERSION``.
 """
@@ -46,7 +48,8 @@ FEATURE_OK, FEATURE_SPAN = 1.3, 0.7
 CORE_WEIGHT, ATTRIBUTE_WEIGHT = 0.6, 0.4
 INSTRUCTION_WEIGHT, PRESERVATION_WEIGHT = 0.6, 0.4
 QUALITY_FLOOR = 0.25
-CAP_ON_FAILED_CORE = 2
+# With a failed core instruction, this share of the stated attributes right counts as "parts right".
+PARTS_RIGHT = 0.25
 # Mean absolute difference (0-255) at which preservation reaches 0.
 OUTSIDE_MAE_SCALE = 30.0
 STYLE_MAE_SCALE = 50.0
@@ -94,9 +97,10 @@ def t2i_parts(m: dict[str, Any]) -> dict[str, float]:
     a = sum(bool(c["passed"]) for c in checks.values()) / len(checks) if checks else 1.0
     qd = quality(m["quality"])
     c = CORE_WEIGHT * k + ATTRIBUTE_WEIGHT * a
-    raw = 1 + 4 * c * (QUALITY_FLOOR + (1 - QUALITY_FLOOR) * qd["Q"])
-    if not core["passed"]:
-        raw = min(raw, CAP_ON_FAILED_CORE)
+    if core["passed"]:
+        raw = 1 + 4 * c * (QUALITY_FLOOR + (1 - QUALITY_FLOOR) * qd["Q"])
+    else:
+        raw = 1 + min(1.0, a / PARTS_RIGHT) * qd["Q"]
     return {"K": round(k, 4), "A": round(a, 4), "C": round(c, 4), "Q": qd["Q"], "noise_q": qd["noise"],
             "feature_q": qd["feature"], "raw": round(raw, 4)}
 
@@ -157,9 +161,10 @@ def edit_parts(m: dict[str, Any]) -> dict[str, Any]:
     p = preservation(m)
     qd = quality(m["quality"])
     c = INSTRUCTION_WEIGHT * i + PRESERVATION_WEIGHT * p
-    raw = 1 + 4 * c * (QUALITY_FLOOR + (1 - QUALITY_FLOOR) * qd["Q"])
-    if not done:
-        raw = min(raw, CAP_ON_FAILED_CORE)
+    if done:
+        raw = 1 + 4 * c * (QUALITY_FLOOR + (1 - QUALITY_FLOOR) * qd["Q"])
+    else:
+        raw = 1 + p * qd["Q"]
     return {"I": round(i, 4), "P": round(p, 4), "C": round(c, 4), "Q": qd["Q"], "noise_q": qd["noise"], "feature_q": qd["feature"],
             "done": done, "raw": round(raw, 4)}
 

@@ -25,6 +25,8 @@ from PIL import Image
 from fewstep.bench import world
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that counts as foreground
+MIN_BORDER_SHARE = 0.5  # below this share of border pixels in one colour there is no flat background
+MIN_LAYOUT_IOU = 0.2  # below this the foreground matches no layout (noise, empty image)
 
 
 def _array(image: Image.Image) -> np.ndarray:
@@ -37,8 +39,11 @@ def nearest_colour(rgb: np.ndarray, names: tuple[str, ...]) -> tuple[str, float]
     return name, dists[name]
 
 
-def border_colour(image: Image.Image) -> np.ndarray:
-    """Dominant colour of the border ring: the mean of the most common coarse colour bin."""
+def border_colour(image: Image.Image, share: list | None = None) -> np.ndarray:
+    """Dominant colour of the border ring: the mean of the most common coarse colour bin.
+
+    ``share``, if given, receives the fraction of border pixels near that colour.
+    """
     array = _array(image)
     h, w = array.shape[:2]
     ring = max(1, min(h, w) // 32)
@@ -50,13 +55,19 @@ def border_colour(image: Image.Image) -> np.ndarray:
     top = values[np.argmax(counts)]
     # Neighbouring bins too, so a colour on a bin edge is not split in half.
     near = (np.abs(bins - np.array([top // 64, (top // 8) % 8, top % 8])) <= 1).all(1)
+    if share is not None:
+        share.append(float(near.mean()))
     return pixels[near].mean(0)
 
 
 def background(image: Image.Image) -> dict[str, Any]:
-    rgb = border_colour(image)
+    """The named background colour, or name None when the border has no dominant flat colour."""
+    share: list[float] = []
+    rgb = border_colour(image, share)
     name, dist = nearest_colour(rgb, world.BACKGROUNDS)
-    return {"name": name, "rgb": [round(float(v), 1) for v in rgb], "distance": round(dist, 1)}
+    flat = share[0] >= MIN_BORDER_SHARE
+    return {"name": name if flat else None, "rgb": [round(float(v), 1) for v in rgb], "distance": round(dist, 1),
+            "border_share": round(share[0], 3)}
 
 
 def foreground_mask(image: Image.Image, bg_rgb: np.ndarray | None = None) -> np.ndarray:
@@ -120,6 +131,8 @@ def layout(image: Image.Image, attrs: dict) -> dict[str, Any]:
     best, best_iou = max(scores, key=lambda item: item[1])
     expected = next(iou for option, iou in scores if option["position"] == attrs["position"]
                     and option["size"] == attrs["size"] and option["count"] == int(attrs.get("count") or 1))
+    if best_iou < MIN_LAYOUT_IOU:
+        best = {"position": None, "size": None, "count": None}
     return {**best, "iou": round(best_iou, 3), "expected_iou": round(expected, 3)}
 
 

