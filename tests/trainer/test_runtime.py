@@ -75,6 +75,8 @@ def test_s3_storage_checkpoints_and_resumes(world, ray_cluster, s3_bucket, s3_op
     raw = _raw((world[0], f"{s3_bucket}/shards"), f"{s3_bucket}/runs", "on-s3",
                max_steps=4, checkpoint_every=2, export=False)
     raw["deepspeed"]["zero_stage"] = 3
+    # A category filter, pushed into the Ray Data read (every other T2I category + the edit rows).
+    raw["data"]["categories"] = ["portrait", "text", "object"]
     first = launch(TrainConfig.model_validate(raw), options=s3_options)
     assert first.metrics["step"] == 4 and first.metrics["resumed_from"] == 0
     run = f"{s3_bucket}/runs/on-s3"

@@ -34,10 +34,31 @@ class DataSource:
     files: tuple[str, ...]  # full URIs
     manifest: dict
     columns: tuple[str, ...] | None
-    filter: pc.Expression | None
+    tasks: tuple[str, ...] | None
+    categories: tuple[str, ...] | None
 
     def backend_paths(self) -> list[str]:
         return [storage._strip(f) for f in self.files]
+
+    def arrow_filter(self) -> pc.Expression | None:
+        expr = None
+        if self.tasks:
+            expr = pc.field("task").isin(list(self.tasks))
+        if self.categories:
+            cat = pc.field("category").isin(list(self.categories))
+            expr = cat if expr is None else (expr & cat)
+        return expr
+
+    def ray_filter(self):
+        from ray.data.expressions import col
+
+        expr = None
+        if self.tasks:
+            expr = col("task").is_in(list(self.tasks))
+        if self.categories:
+            cat = col("category").is_in(list(self.categories))
+            expr = cat if expr is None else (expr & cat)
+        return expr
 
 
 def open_source(section: DataSection, expected_kind: str, columns: tuple[str, ...] | None,
@@ -60,15 +81,11 @@ def open_source(section: DataSection, expected_kind: str, columns: tuple[str, ..
         files = tuple(storage.list_files(storage.join(uri, KIND_DIRS[expected_kind]), ".parquet", options))
     if not files:
         raise ValueError(f"data.uri: {uri} lists no parquet parts")
-    expr = None
-    if section.tasks:
-        expr = pc.field("task").isin(section.tasks)
-    if section.categories:
-        cat = pc.field("category").isin(section.categories)
-        expr = cat if expr is None else (expr & cat)
-    if columns is not None and expr is not None:
+    tasks = tuple(section.tasks) if section.tasks else None
+    categories = tuple(section.categories) if section.categories else None
+    if columns is not None and (tasks or categories):
         columns = tuple(dict.fromkeys([*columns, "task", "category"]))
-    return DataSource(uri, expected_kind, files, manifest, columns, expr)
+    return DataSource(uri, expected_kind, files, manifest, columns, tasks, categories)
 
 
 def ray_dataset(source: DataSource, options: StorageOptions | None):
@@ -76,12 +93,11 @@ def ray_dataset(source: DataSource, options: StorageOptions | None):
     import ray.data
 
     fs, _ = storage.pyarrow_filesystem(source.uri, options)
-    kwargs = {}
-    if source.filter is not None:
-        kwargs["filter"] = source.filter
-    return ray.data.read_parquet(
-        source.backend_paths(), filesystem=fs,
-        columns=list(source.columns) if source.columns else None, **kwargs)
+    dataset = ray.data.read_parquet(source.backend_paths(), filesystem=fs,
+                                    columns=list(source.columns) if source.columns else None)
+    expr = source.ray_filter()
+    # Arrow-native predicate: Ray pushes it down to the parquet scan where it can.
+    return dataset if expr is None else dataset.filter(expr=expr)
 
 
 def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
@@ -104,7 +120,7 @@ class LocalReader:
         fs, _ = storage.pyarrow_filesystem(source.uri, options)
         dataset = pads.dataset(source.backend_paths(), filesystem=fs, format="parquet")
         self.table = dataset.to_table(
-            columns=list(source.columns) if source.columns else None, filter=source.filter)
+            columns=list(source.columns) if source.columns else None, filter=source.arrow_filter())
         if self.table.num_rows == 0:
             raise ValueError(f"data: no rows left in {source.uri} after the task/category filter")
         log.info("data: %d rows from %s", self.table.num_rows, source.uri)
