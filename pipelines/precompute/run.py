@@ -152,8 +152,8 @@ def _write_plan(output: str, options: StorageOptions | None, pid: str, cfg: Prec
 
     from fewstep.models.adapter import QwenImageAdapter
 
-    vae = QwenImageAdapter.load(teacher, components=("vae",), device="cpu", dtype=torch.float32,
-                                storage=options)
+    # No components: only the configs are read (VAE geometry), no weights are loaded here.
+    vae = QwenImageAdapter.load(teacher, components=(), device="cpu", dtype=torch.float32, storage=options)
     multiple = int(vae.vae_scale_factor) * 2
     if cfg.resolution is not None and cfg.resolution % multiple:
         raise PrecomputeError(f"resolution: {cfg.resolution} is not a multiple of {multiple} (this "

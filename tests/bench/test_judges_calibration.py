@@ -2,8 +2,17 @@
 images score clearly lower, in that order (means over real bench cases, with margins).
 
 Real images are the benches' own held-out renders (``case.reference_image()``), never stand-ins.
-"Wrong prompt" is the real render of another case of the same category; "degraded" is the real
-render blurred (Gaussian radius 1.5 px) with Gaussian noise (sigma 20/255) added at 64 px.
+
+- T2I "wrong prompt": the real render of the next case of the same category.
+- Edit "wrong instruction": the source edited as another instruction of the same category would
+  have it (a real world render: another background colour, word, skin tone, companion or style);
+  enhancement has no such alternative on the same source, so there it is the real target of the
+  next enhancement case.
+- "degraded": the real image blurred (Gaussian radius 2.5 px) plus Gaussian noise (sigma 32/255)
+  at 64 px: heavy enough to be an unusable image. Milder degradation scores *above* a wrong
+  prompt, as the rubric intends (right content with visible artefacts is a 2-3); docs/bench.md
+  has the curve.
+- "noise": uniform random pixels.
 """
 
 from __future__ import annotations
@@ -14,12 +23,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from fewstep.bench import world
 from fewstep.bench.benches import load_bench
 from fewstep.bench.judges.offline import OfflineJudge
 
 PER_CATEGORY_T2I = 6
 PER_CATEGORY_EDIT = 3
-BLUR_RADIUS, NOISE_SIGMA = 1.5, 20.0
+BLUR_RADIUS, NOISE_SIGMA = 2.5, 32.0
 
 
 def degrade(image: Image.Image, seed: int) -> Image.Image:
@@ -41,14 +51,50 @@ def _subset(cases, per_category):
     return out
 
 
+def _next_case(cases, case):
+    same = [c for c in cases if c.category == case.category]
+    return same[(same.index(case) + 1) % len(same)]
+
+
+def _first_other(options, *taken):
+    return next(o for o in options if o not in taken)
+
+
+def wrong_instruction_output(cases, case) -> Image.Image:
+    """A real render of the source edited the wrong way (see the module docstring)."""
+    meta, cat = case.meta, case.category
+    src, tgt = meta["source"], dict(meta["target"])
+    if cat == "scene":
+        bg = _first_other(world.BACKGROUNDS, src["background"], tgt["background"])
+        tgt.update(background=bg, background_rgb=list(world.COLORS[bg]))
+    elif cat == "text":
+        tgt["text"] = _first_other(world.WORDS, src["text"], tgt["text"])
+    elif cat == "identity":
+        # skin tone: another tone than asked; gender: the tone changed instead of the gender.
+        base = tgt if meta["operation"] == "skin_tone" else dict(src)
+        tone = _first_other((None, *world.SKIN_TONES), src["skin_tone"], tgt["skin_tone"])
+        tgt = {**base, "skin_tone": tone, "emoji": world.emoji_of(base["subject"], tone)}
+    elif cat == "style":
+        tgt["style"] = _first_other(world.STYLES, tgt["style"])
+    elif cat == "object":
+        comp = tgt.get("companion") or src["companion"]
+        taken = [c["subject"] for c in (src.get("companion"), tgt.get("companion")) if c]
+        key = _first_other([c.key for c in world.COMPANIONS], *taken)
+        tgt["companion"] = {**comp, "subject": key, "subject_name": world.subject(key).name,
+                            "emoji": world.emoji_of(key)}
+    else:
+        return _next_case(cases, case).reference_image()
+    return world.render_t2i(tgt, case.resolution)
+
+
 def _groups(cases, subset):
-    """(case, {group: image}) with 'wrong' = the next case of the same category in the bench."""
+    """(case, {group: image}) for the calibration groups."""
     for case in subset:
-        same = [c for c in cases if c.category == case.category]
-        other = same[(same.index(case) + 1) % len(same)]
         real = case.reference_image()
         seed = int(case.seed) % 2**31
-        yield case, {"real": real, "wrong": other.reference_image(), "degraded": degrade(real, seed),
+        wrong = (_next_case(cases, case).reference_image() if case.task == "t2i"
+                 else wrong_instruction_output(cases, case))
+        yield case, {"real": real, "wrong": wrong, "degraded": degrade(real, seed),
                      "noise": pure_noise(real.width, seed)}
 
 
