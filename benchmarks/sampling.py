@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--judge", default="offline", help="Bench judge; 'none' skips scoring.")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench" / "sampling.json"))
+    parser.add_argument("--doc", default=str(REPO / "docs" / "performance.md"),
+                        help="Markdown file whose '## Sampling' section is replaced ('' skips).")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()[0]
     for label, path in (("teacher", args.teacher), ("student", args.student)):
         if not (Path(path) / "model_index.json").exists():
             print(f"error: --{label} {path} is not a pipeline directory (run `make demo` for a student)",
@@ -129,25 +132,62 @@ def main(argv: list[str] | None = None) -> int:
         "score_ratio": (s["score"] / t["score"]) if "score" in s and t.get("score") else None,
         "models": results, "bench": args.bench, "cases": len(chosen), "batch_size": args.batch_size,
         "device": args.device, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "load_avg_at_start": load_at_start,
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
 
-    print("\n| model | NFE | CFG | calls/img | s/img | encode | sample | decode | score |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, r in results.items():
-        score = f"{r['score']:.2f}" if "score" in r else "-"
-        print(f"| {name} | {r['nfe']} | {r['guidance_scale']:g} | {r['network_calls']:.0f} | "
-              f"{r['seconds_per_image']:.4f} | {r['encode_s']:.4f} | {r['sample_s']:.4f} | "
-              f"{r['decode_s']:.4f} | {score} |")
-    print(f"\nspeed-up {speedup:.1f}x (goal >= 30x); network-call ratio {call_ratio:.0f}x; "
-          f"bound from calls + measured encode/decode {bound:.1f}x; reached {100 * speedup / bound:.0f}% "
-          f"of the bound (goal >= 90%)")
-    if summary["score_ratio"] is not None:
-        print(f"score ratio student / teacher on {args.bench}: {summary['score_ratio']:.2f}")
-    print(f"device {args.device}, {summary['threads']} threads; results: {args.out}")
+    text = render(summary, args)
+    print("\n" + text)
+    if args.doc:
+        write_section(Path(args.doc), text)
+        print(f"wrote the Sampling section of {args.doc}")
     return 0
+
+
+def render(summary: dict, args) -> str:
+    lines = [
+        "`python benchmarks/sampling.py` (one run; numbers below are from its last run).",
+        "",
+        f"Host: {platform.node()} ({summary['cpus']} CPUs, {summary['threads']} torch threads, "
+        f"torch {summary['torch']}, device {summary['device']}); load average at start "
+        f"{summary['load_avg_at_start']:.1f}. Teacher `{summary['models']['teacher']['path']}`, student "
+        f"`{summary['models']['student']['path']}`; {summary['cases']} `{summary['bench']}` cases "
+        f"(their own seeds), batch {summary['batch_size']}; seconds per image = prompt encoding + sampling "
+        "+ VAE decode, best of the timed runs, after a warm-up call.",
+        "",
+        "| model | NFE | CFG | calls/img | s/img | encode | sample | decode | score |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in summary["models"].items():
+        score = f"{r['score']:.2f}" if "score" in r else "-"
+        lines.append(f"| {name} | {r['nfe']} | {r['guidance_scale']:g} | {r['network_calls']:.0f} | "
+                     f"{r['seconds_per_image']:.4f} | {r['encode_s']:.4f} | {r['sample_s']:.4f} | "
+                     f"{r['decode_s']:.4f} | {score} |")
+    lines += [
+        "",
+        f"- Speed-up student / teacher: **{summary['speedup']:.1f}x** (goal >= 30x).",
+        f"- Network-call ratio {summary['network_call_ratio']:.0f}x; {summary['seconds_per_call'] * 1000:.2f} ms "
+        f"per call; fixed cost (encode + decode) {summary['fixed_seconds_per_image'] * 1000:.1f} ms per image. "
+        f"Bound those allow: **{summary['bound']:.1f}x**; reached **{100 * summary['fraction_of_bound']:.0f}%** "
+        "of it (goal >= 90%).",
+    ]
+    if summary["score_ratio"] is not None:
+        lines.append(f"- Score ratio student / teacher on `{summary['bench']}`: **{summary['score_ratio']:.2f}**.")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace (or append) the '## Sampling' section of ``path``, keeping the others."""
+    import re
+
+    text = path.read_text() if path.exists() else "# Performance\n\nMeasured numbers; each section says how.\n"
+    section = "## Sampling\n\n" + body.strip() + "\n"
+    pattern = re.compile(r"^## Sampling\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 if __name__ == "__main__":

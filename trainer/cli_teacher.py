@@ -6,27 +6,21 @@ import typer
 
 TEACHER_HELP = """Train a teacher: its VAE, or its transformer with flow matching.
 
-The config (configs/teacher/*.yaml) names the objective (vae | flow_matching), where the run
-starts (init: from tiny-config or a pretrained pipeline directory), the data (curated images
-for the VAE, precomputed shards for the transformer), the launcher (ray: Ray Train workers
-with DeepSpeed ZeRO 0-3; local: one process, device cpu|cuda, DeepSpeed optional) and the
-loop (max_steps, batch_size, checkpoint_every, ...).
+The config (configs/teacher/*.yaml) names the objective (vae | flow_matching), where the run starts (init: from tiny-config, a fresh random pipeline of a preset, or from a pretrained pipeline directory), the data (curated images for the VAE, precomputed shards for the transformer), the launcher (ray: Ray Train workers running DeepSpeed ZeRO 0-3; local: one process without Ray, device cpu or cuda, DeepSpeed optional) and the loop (max_steps, batch_size, checkpoint_every, ...).
 
-The run folder <runs_dir>/<run.name>/ gets config.yaml, metrics.jsonl, checkpoints/ and
-final/ (a diffusers pipeline directory). Launching the same run name again resumes from
-its latest checkpoint.
+The run folder <runs_dir>/<run.name>/ gets config.yaml, metrics.jsonl, checkpoints/ and final/ (a diffusers pipeline directory). Launching the same run name again resumes from its latest checkpoint, also after a crash.
 
-The tiny teachers, in order:
+The tiny teachers, in order (after fewstep corpus build and fewstep curate into runs/curated/standard):
 
-  fewstep models init-tiny --out runs/models/teacher-init --config teacher
+  1. fewstep train-teacher --config configs/teacher/vae.yaml
 
-  fewstep train-teacher --config configs/teacher/vae.yaml
+  2. fewstep precompute --teacher runs/teacher-vae/final --input runs/curated/standard --output runs/shards/teacher-standard
 
-  fewstep precompute ... --teacher runs/teacher-vae/final   (shards for the transformer)
+  3. fewstep train-teacher --config configs/teacher/base.yaml
 
-  fewstep train-teacher --config configs/teacher/base.yaml
+  4. fewstep train-teacher --config configs/teacher/text-specialist.yaml
 
-  fewstep train-teacher --config configs/teacher/text-specialist.yaml
+On a GPU box without Ray: --set launcher=local --set device=cuda --set deepspeed.enabled=false --set train.precision=bf16
 """
 
 

@@ -311,7 +311,8 @@ def print_summary(summary: dict[str, Any], run_dir: str, seconds: dict[str, floa
     console = Console()
     benches = list(dict.fromkeys(b for m in summary["models"].values() for b in m["scores"]))
     table = Table(title="fewstep demo: teacher vs student (judge scores 1-5, higher is better)")
-    for column in ("model", "role", "NFE", "calls/img", "s/img", *benches):
+    short = {"t2i-bench-mini": "T2I score", "editing-bench-mini": "Edit score"}
+    for column in ("model", "role", "NFE", "calls/img", "s/img", *[short.get(b, b) for b in benches]):
         table.add_column(column, justify="left" if column in ("model", "role") else "right")
     for name, m in summary["models"].items():
         table.add_row(name, m["role"], str(m["nfe"]), f"{m['network_calls_per_image']:.0f}",

@@ -114,6 +114,26 @@ def test_local_launcher_s3_folder_store(world, s3_bucket, s3_options):
     assert [r["step"] for r in read_metrics(f"{s3_bucket}/runs/local-s3", s3_options)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_local_launcher_with_deepspeed_fp32_and_bf16(world, tmp_path):
+    """One process with DeepSpeed (a process group of one), twice in the same process."""
+    from trainer.runtime.config import TrainConfig
+    from trainer.runtime.launch import launch
+
+    for stage, precision in ((1, "fp32"), (2, "bf16")):
+        raw = _raw(world, str(tmp_path), f"ds-{stage}-{precision}", max_steps=3, checkpoint_every=3,
+                   log_every=3, batch_size=8, precision=precision)
+        raw.update(launcher="local", device="cpu")
+        raw["deepspeed"]["zero_stage"] = stage
+        result = launch(TrainConfig.model_validate(raw))
+        assert result.metrics["step"] == 3
+        assert result.metrics["loss"] > 0 and result.metrics["grad_norm"] > 0
+        # bf16 engines hold bf16 weights; the export is fp32 all the same.
+        from safetensors.torch import load_file
+
+        weights = load_file(next(Path(result.final_uri, "transformer").glob("*.safetensors")))
+        assert {t.dtype for t in weights.values()} == {__import__("torch").float32}
+
+
 def test_config_errors_name_the_field(world, tmp_path):
     from trainer.runtime.config import load_train_config
 

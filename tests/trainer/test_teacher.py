@@ -39,7 +39,7 @@ def test_cli_help_and_dry_run():
 
     runner = CliRunner()
     out = runner.invoke(app, ["train-teacher", "--help"])
-    assert out.exit_code == 0 and "--config" in out.output and "init-tiny" in out.output
+    assert out.exit_code == 0 and "--config" in out.output and "vae.yaml" in out.output
     out = runner.invoke(app, ["train-teacher", "--config", str(REPO / "configs/teacher/base.yaml"),
                               "--set", "train.max_steps=7", "--dry-run"])
     assert out.exit_code == 0, out.output

@@ -125,21 +125,18 @@ def _launch_local(config: TrainConfig, payload: Payload) -> RunResult:
     if payload.torch_extensions_dir:
         os.environ["TORCH_EXTENSIONS_DIR"] = payload.torch_extensions_dir
     device = _pick_device(config.device)
-    started_group = False
     if config.deepspeed.enabled and not torch.distributed.is_initialized():
-        # DeepSpeed needs a process group, even of one.
+        # DeepSpeed needs a process group, even of one. It stays for the life of the process:
+        # DeepSpeed caches its groups, so a second run in the same process must reuse it.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        for key in ("RANK", "LOCAL_RANK"):
+            os.environ.setdefault(key, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
         torch.distributed.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
-        started_group = True
-    try:
-        ctx = LocalContext(config, payload, device)
-        ctx.store.work_dir.mkdir(parents=True, exist_ok=True)
-        metrics = run_worker(payload, ctx)
-    finally:
-        if started_group:
-            torch.distributed.destroy_process_group()
+    ctx = LocalContext(config, payload, device)
+    metrics = run_worker(payload, ctx)
     return RunResult(run_uri=payload.run_uri, final_uri=metrics.get("final_uri"), metrics=metrics,
                      checkpoint_uri=storage.join(payload.run_uri, CHECKPOINTS_NAME))
 

@@ -8,8 +8,11 @@ T2I:
     Q  quality in [0, 1]: min(noise ramp, feature-distance ramp), see ``quality``;
     C  = 0.6 K + 0.4 A
     core passed: raw = 1 + 4 C (0.25 + 0.75 Q)   (quality scales compliance; it cannot replace it)
-    core failed: raw = 1 + min(1, A / 0.25) Q    (the rubric's 2, "mostly fails although parts are
-                 right", needs a usable image with at least one stated attribute right; else 1)
+    core failed: raw = 1 + max(kind, min(1, A / 0.25)) Q
+                 (the rubric's 2, "mostly fails although parts are right", needs a usable image
+                 with something right: the right kind of subject (another subject of the prompt's
+                 category, or some legible text for the text category) or at least one stated
+                 attribute; else 1)
     score = round half up (raw), so a failed core instruction (wrong subject / wrong word) caps at 2.
 
 Editing (the sub-scores, in the category's keys, are round(1 + 4 x) of I, P and Q):
@@ -100,7 +103,8 @@ def t2i_parts(m: dict[str, Any]) -> dict[str, float]:
     if core["passed"]:
         raw = 1 + 4 * c * (QUALITY_FLOOR + (1 - QUALITY_FLOOR) * qd["Q"])
     else:
-        raw = 1 + min(1.0, a / PARTS_RIGHT) * qd["Q"]
+        parts = max(float(bool(core.get("kind_right"))), min(1.0, a / PARTS_RIGHT))
+        raw = 1 + parts * qd["Q"]
     return {"K": round(k, 4), "A": round(a, 4), "C": round(c, 4), "Q": qd["Q"], "noise_q": qd["noise"],
             "feature_q": qd["feature"], "raw": round(raw, 4)}
 

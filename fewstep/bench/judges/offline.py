@@ -27,6 +27,7 @@ from typing import Any
 from PIL import Image
 from pydantic import Field
 
+from fewstep.bench import world
 from fewstep.bench.judges import formula, measure
 from fewstep.bench.judges.base import Judge, JudgeError
 from fewstep.bench.judges.caseview import case_category, case_meta, case_task
@@ -57,6 +58,9 @@ def _rgb(image: Image.Image, resolution: int) -> Image.Image:
     if image.width != resolution:
         image = image.resize((resolution, resolution), Image.Resampling.BILINEAR)
     return image
+
+
+_CATEGORY_SUBJECTS = {cat: {s.key for s in subs} for cat, subs in world.SUBJECTS.items()}
 
 
 def _top(probs: dict[str, float]) -> str:
@@ -162,7 +166,7 @@ class OfflineJudge(Judge):
                                       else image, meta["text"])
             out["core"] = {"kind": "word", "expected": meta["text"], "found": reading["text"],
                            "passed": bool(reading["exact"]), "strength": float(reading["char_accuracy"]),
-                           "ocr": reading}
+                           "kind_right": len(normalise_text(reading["text"])) >= 2, "ocr": reading}
             tc = measure.text_colour(image)
             checks["text_color"] = {"expected": meta["text_color"], "found": tc["name"],
                                     "passed": tc["name"] == meta["text_color"]}
@@ -171,7 +175,8 @@ class OfflineJudge(Judge):
             expected = meta["subject"]
             found = _top(pred["subject"])
             out["core"] = {"kind": "subject", "expected": expected, "found": found,
-                           "passed": found == expected, "strength": round(pred["subject"][expected], 4)}
+                           "passed": found == expected, "strength": round(pred["subject"][expected], 4),
+                           "kind_right": found in _CATEGORY_SUBJECTS.get(category, ())}
             if meta.get("skin_tone"):
                 tone = _top(pred["tone"])
                 checks["skin_tone"] = {"expected": meta["skin_tone"], "found": tone,
