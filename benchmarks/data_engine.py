@@ -40,7 +40,8 @@ log = logging.getLogger("data_engine")
 # Ray Data pipeline (the product path)
 # ---------------------------------------------------------------------------
 
-def run_pipeline(work: Path, corpus: Path, teacher: str, workers: int, curate_cfg: Path, pre_cfg: Path) -> dict:
+def run_pipeline(work: Path, corpus: Path, teacher: str, workers: int, cpus: int, curate_cfg: Path,
+                 pre_cfg: Path) -> dict:
     from fewstep.config import load_config
     from pipelines.curate.config import CurateConfig
     from pipelines.curate.run import run_curate
@@ -49,8 +50,15 @@ def run_pipeline(work: Path, corpus: Path, teacher: str, workers: int, curate_cf
     cur_out, pre_out = work / f"ray-{workers}w-curated", work / f"ray-{workers}w-shards"
     for folder in (cur_out, pre_out):
         shutil.rmtree(folder, ignore_errors=True)
-    ccfg = load_config(CurateConfig, curate_cfg, {"ray.actors": workers})
-    pcfg = load_precompute_config(pre_cfg, {"text_encoder.pool_size": workers, "vae.pool_size": workers})
+    # Actors per pool x CPUs per actor must leave room for the read/write tasks (else Ray Data
+    # waits forever for a CPU): half the cluster for the actor pools of a stage, at most 0.5 each.
+    ccfg = load_config(CurateConfig, curate_cfg)
+    pools = 1 + int(ccfg.filters.nsfw.enabled) + int(ccfg.captioning.captioner != "none")
+    ccfg = load_config(CurateConfig, curate_cfg, {"ray.actors": workers, "ray.actor_num_cpus":
+                                                  min(0.5, cpus / (2 * pools * workers))})
+    pcfg = load_precompute_config(pre_cfg, {"text_encoder.pool_size": workers, "vae.pool_size": workers,
+                                            "text_encoder.num_cpus": min(0.5, cpus / (4 * workers)),
+                                            "vae.num_cpus": min(0.5, cpus / (4 * workers))})
     started = time.perf_counter()
     report = run_curate(ccfg, _inputs(corpus), str(cur_out))
     curated_s = time.perf_counter() - started
@@ -272,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         with ray_session(None, args.cpus):
             for workers in [int(w) for w in args.workers.split(",")]:
                 log.info("Ray Data pipeline, %d worker(s) per pool", workers)
-                result = run_pipeline(work, corpus, str(teacher), workers, Path(args.curate_config),
+                result = run_pipeline(work, corpus, str(teacher), workers, args.cpus, Path(args.curate_config),
                                       Path(args.precompute_config))
                 result["workers"] = workers
                 results.append(result)

@@ -83,6 +83,73 @@ class MixturePlan:
         return self.tasks[step]
 
 
+def next_tasks(fractions: dict[str, float], served: dict[str, int], slots: int) -> list[str]:
+    """Tasks of the next ``slots`` batches: each goes to the task furthest below its target share
+    (the rule :class:`MixturePlan` applies one batch at a time)."""
+    counts = {t: served.get(t, 0) for t in fractions}
+    total = sum(counts.values())
+    order = sorted(fractions)
+    out = []
+    for i in range(1, slots + 1):
+        task = max(order, key=lambda t: (fractions[t] * (total + i) - counts[t], fractions[t]))
+        counts[task] += 1
+        out.append(task)
+    return out
+
+
+class MixtureScheduler:
+    """The mixture across ranks: every step serves one whole-task batch per rank (``slots``).
+
+    ``assign`` is given, per rank, the tasks that rank has a full batch of, and returns one task
+    per rank so that the global batch counts follow the ratio exactly when the ranks' data allow
+    it (``strict``); otherwise (a rank whose data stream holds only one task, e.g. a dataset
+    sorted by task and split by position) the closest assignment the data allows, which the
+    served counts then report. Every rank computes the same answer from the same inputs.
+    """
+
+    def __init__(self, fractions: dict[str, float], slots: int, served: dict[str, int] | None = None):
+        self.fractions = {t: f for t, f in fractions.items() if f > 0}
+        if not self.fractions:
+            raise MixtureError("the mixture serves no task; give one a positive weight")
+        self.slots = slots
+        self.served = {t: int((served or {}).get(t, 0)) for t in self.fractions}
+        self.off_target_steps = 0
+
+    def assign(self, ready: list[set[str]], strict: bool = True) -> list[str] | None:
+        if len(ready) != self.slots:
+            raise MixtureError(f"got readiness of {len(ready)} ranks for {self.slots} slots")
+        ready = [r & set(self.fractions) for r in ready]
+        need: dict[str, int] = {}
+        for task in next_tasks(self.fractions, self.served, self.slots):
+            need[task] = need.get(task, 0) + 1
+        out: list[str | None] = [None] * self.slots
+        # Ranks with fewer options choose first; each takes the needed task it can serve.
+        for rank in sorted(range(self.slots), key=lambda r: (len(ready[r]), r)):
+            options = sorted(ready[rank], key=lambda t: (-need.get(t, 0), t))
+            if options and need.get(options[0], 0) > 0:
+                out[rank] = options[0]
+                need[options[0]] -= 1
+        if all(t is not None for t in out):
+            return out  # type: ignore[return-value]
+        if strict or any(not r for r in ready):
+            return None
+        for rank in range(self.slots):  # relaxed: any task the rank has, most-behind first
+            if out[rank] is None:
+                deficit = {t: self.fractions[t] * (sum(self.served.values()) + 1) - self.served[t]
+                           for t in ready[rank]}
+                out[rank] = max(sorted(deficit), key=lambda t: deficit[t])
+        return out  # type: ignore[return-value]
+
+    def commit(self, tasks: list[str], on_target: bool = True) -> None:
+        for task in tasks:
+            self.served[task] += 1
+        if not on_target:
+            self.off_target_steps += 1
+
+    def shares(self) -> dict[str, float]:
+        return achieved_ratio(self.served)
+
+
 def achieved_ratio(counts: dict[str, int]) -> dict[str, float]:
     """Share of samples per task, e.g. ``{'t2i': 0.7, 'edit': 0.3}``."""
     total = sum(counts.values())

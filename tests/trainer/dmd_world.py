@@ -21,12 +21,13 @@ _CACHE: dict[str, str] = {}
 
 
 def tiny_teacher(root: Path, name: str = "tiny", seed: int = 0) -> str:
-    """A random tiny pipeline (configs/models/tiny.yaml), built once per test session."""
+    """A random tiny pipeline (configs/models/tiny.yaml), built once per test session (the first
+    caller's ``root`` holds it; tests only read it)."""
     from fewstep.models.tiny import init_tiny, load_tiny_config
 
     key = f"{name}-{seed}"
     if key not in _CACHE or not Path(_CACHE[key]).exists():
-        out = root / f"teacher-{key}"
+        out = Path(root) / f"teacher-{key}"
         init_tiny(str(out), load_tiny_config(REPO / "configs" / "models" / "tiny.yaml"), seed=seed,
                   overwrite=True)
         _CACHE[key] = str(out)

@@ -62,3 +62,44 @@ def test_errors():
         parse_config(MixtureConfig, {"ratio": {"t2i": 1, "video": 1}})
     with pytest.raises(ConfigError, match="positive weight"):
         parse_config(MixtureConfig, {"ratio": {"t2i": 0, "edit": 0}})
+
+
+def test_scheduler_across_ranks_hits_the_ratio_when_data_allows():
+    from trainer.mixture import MixtureScheduler
+
+    both = {"t2i", "edit"}
+    sched = MixtureScheduler({"t2i": 0.7, "edit": 0.3}, slots=2)
+    for _ in range(50):
+        tasks = sched.assign([both, both])
+        sched.commit(tasks)
+    assert sched.served == {"t2i": 70, "edit": 30} and sched.off_target_steps == 0
+    # One process: the same schedule as MixturePlan.
+    single = MixtureScheduler({"t2i": 0.7, "edit": 0.3}, slots=1)
+    tasks = []
+    for _ in range(20):
+        tasks += single.assign([both])
+        single.commit(tasks[-1:])
+    assert tasks == MixturePlan({"t2i": 0.7, "edit": 0.3}, 20, 1).tasks
+
+
+def test_scheduler_with_ranks_that_hold_one_task_each():
+    from trainer.mixture import MixtureScheduler
+
+    # A dataset sorted by task and split by position: rank 0 sees only edits, rank 1 only T2I.
+    even = MixtureScheduler({"t2i": 0.5, "edit": 0.5}, slots=2)
+    for _ in range(10):
+        tasks = even.assign([{"edit"}, {"t2i"}])
+        assert tasks == ["edit", "t2i"]
+        even.commit(tasks)
+    skewed = MixtureScheduler({"t2i": 0.7, "edit": 0.3}, slots=2)
+    ready = [{"edit"}, {"t2i"}]
+    first = skewed.assign(ready)
+    assert first == ["edit", "t2i"]  # step 1 needs one batch of each: exact
+    skewed.commit(first)
+    assert skewed.assign(ready, strict=True) is None  # step 2 needs two T2I batches
+    relaxed = skewed.assign(ready, strict=False)
+    assert relaxed == ["edit", "t2i"]  # the closest the data allow, and reported as such
+    skewed.commit(relaxed, on_target=False)
+    assert skewed.off_target_steps == 1 and skewed.shares() == {"t2i": 0.5, "edit": 0.5}
+    # A rank with nothing ready cannot be served, strict or not.
+    assert skewed.assign([set(), {"t2i"}], strict=False) is None

@@ -32,7 +32,7 @@ from fewstep import storage
 from fewstep.bench.world import EDIT_CATEGORIES, T2I_CATEGORIES
 from fewstep.config import StrictModel
 from trainer.guidance import GuidanceConfig, LambdaTable
-from trainer.mixture import MixtureConfig, MixtureError, MixturePlan, achieved_ratio
+from trainer.mixture import MixtureConfig, MixtureError, MixtureScheduler
 from trainer.objectives import dmd_math as M
 from trainer.objectives.base import ModelSpec, Objective, ObjectiveEnv, OptimizerConfig, TrainState
 from trainer.objectives.dmd_data import (
@@ -101,13 +101,13 @@ class DMDConfig(StrictModel):
         return self.init_from or self.guidance.teachers[self.guidance.base_index()].path
 
 
-def _all_ranks(flag: bool, world_size: int) -> bool:
-    """True when ``flag`` holds on every rank (a MIN all-reduce; no-op on one process)."""
+def _gather_ready(tasks: list[str], world_size: int) -> list[set[str]]:
+    """Every rank's list of tasks with a full batch buffered (all-gather; no-op on one process)."""
     if world_size == 1 or not torch.distributed.is_initialized():
-        return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return bool(value.item())
+        return [set(tasks)]
+    gathered: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, list(tasks))
+    return [set(g) for g in gathered]
 
 
 def _load_transformer(uri: str, storage) -> torch.nn.Module:
@@ -161,7 +161,7 @@ class DMDObjective(Objective):
                     f"objective.mixture.ratio serves {missing} but {env.data_uri} holds no such rows "
                     f"(rows per task: {by_task}); set its weight to 0 or precompute such data")
         self.buffer: TaskBuffer | None = None
-        self.plan: MixturePlan | None = None
+        self.mixer: MixtureScheduler | None = None
         self._restored: dict[str, Any] = {}
         self.validator = Validator(cfg.validation, self.adapter, cfg.base_uri(), env, cfg.student_steps,
                                    cfg.student_shift) if cfg.validation.every else None
@@ -174,27 +174,40 @@ class DMDObjective(Objective):
         return RowBlock.from_columns(rows)
 
     def _next_batch(self, state: TrainState, block: RowBlock) -> DMDBatch:
-        """The batch the mixture plan wants at this step, pulling rows until it is there."""
-        if self.plan is None or self.buffer is None:
+        """This rank's share of the step's mixture: a whole-task batch, pulling rows as needed.
+
+        All ranks pull the same number of extra runtime batches (they reach epoch ends
+        together, which Ray Data's split iterators and the collective optimiser steps need)
+        and agree on one task per rank from what every rank has buffered.
+        """
+        if self.mixer is None or self.buffer is None:
             batch_size = max(len(block), 1)  # the runtime's train.batch_size
             self.buffer = TaskBuffer(batch_size, self.cfg.buffer_batches * batch_size)
             self.buffer.seen.update(self._restored.get("buffer_seen", {}))
             self.buffer.dropped.update(self._restored.get("buffer_dropped", {}))
-            self.plan = MixturePlan(self.cfg.mixture.fractions(), state.max_steps, batch_size)
-        task = self.plan.task_at(state.step)
+            self.mixer = MixtureScheduler(self.cfg.mixture.fractions(), state.world_size,
+                                          self._restored.get("mixture_served"))
+            self.mixer.off_target_steps = int(self._restored.get("mixture_off_target_steps", 0))
         self.buffer.push(block)
-        pulls, limit = 0, max(4 * self.manifest_rows // max(self.buffer.batch_size, 1), 64)
-        # Every rank pulls the same number of extra batches (until all ranks have the planned
-        # task): ranks then reach epoch ends together, which Ray Data's split iterators and the
-        # collective optimiser steps both need (a rank alone at an epoch end deadlocks).
-        while not _all_ranks(self.buffer.ready(task), state.world_size):
+        tasks = sorted(self.mixer.fractions)
+        # Strict (exact ratio) for a few pulls; then the closest the ranks' data allow.
+        patience = 2 * self.cfg.buffer_batches
+        limit = max(4 * self.manifest_rows // max(self.buffer.batch_size * state.world_size, 1), 64)
+        pulls = 0
+        while True:
+            ready = _gather_ready([t for t in tasks if self.buffer.ready(t)], state.world_size)
+            assignment = self.mixer.assign(ready, strict=pulls < patience)
+            if assignment is not None:
+                break
             if state.next_batch is None or pulls > limit:
                 raise MixtureError(
-                    f"mixture.ratio asks for {task!r} batches but {pulls} pulled batches held too few "
-                    f"{task!r} rows (seen per task: {self.buffer.seen}); set its weight to 0 or add data")
+                    f"mixture.ratio {self.cfg.mixture.ratio}: after {pulls} extra batches a rank still has "
+                    f"no full batch of a task it can serve (rows seen here per task: {self.buffer.seen}); "
+                    "set a missing task's weight to 0 or add such data")
             self.buffer.push(state.next_batch())
             pulls += 1
-        return decode_rows(self.buffer.pop(task), state.device)
+        self.mixer.commit(assignment, on_target=pulls < patience)
+        return decode_rows(self.buffer.pop(assignment[state.rank]), state.device)
 
     # ------------------------------------------------------------------ networks
     def _velocity(self, handle, batch: DMDBatch, state: TrainState):
@@ -287,8 +300,7 @@ class DMDObjective(Objective):
         student.backward(total)
         student_norm = student.step()["grad_norm"]
 
-        served = self.plan.counts(upto=state.step + 1)
-        shares = achieved_ratio(served)
+        shares = self.mixer.shares()
         out.update({
             "dmd_loss": float(loss.detach()),
             "fake_loss": float(np.mean(fake_losses)),
@@ -300,6 +312,7 @@ class DMDObjective(Objective):
             "mixture_edit_share": shares.get("edit", 0.0),
             "mixture_t2i_share": shares.get("t2i", 0.0),
             "task_edit": 1.0 if batch.task == "edit" else 0.0,
+            "mixture_off_target_steps": float(self.mixer.off_target_steps),
             # Optimiser steps taken in this iteration (N fake-score updates per student update).
             "student_updates": float(student.optimizer_steps - student_before),
             "fake_updates": float(fake.optimizer_steps - fake_before),
@@ -322,12 +335,14 @@ class DMDObjective(Objective):
 
     # ------------------------------------------------------------------ state and export
     def state_dict(self) -> dict[str, Any]:
-        if self.buffer is None:
+        if self.buffer is None or self.mixer is None:
             return dict(self._restored)
-        return {"buffer_seen": dict(self.buffer.seen), "buffer_dropped": dict(self.buffer.dropped)}
+        return {"buffer_seen": dict(self.buffer.seen), "buffer_dropped": dict(self.buffer.dropped),
+                "mixture_served": dict(self.mixer.served),
+                "mixture_off_target_steps": self.mixer.off_target_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # The plan is a pure function of the step, so only the row counters need restoring.
+        # Global served counts (same on every rank) keep the ratio on track across a resume.
         self._restored = dict(state)
 
     def export(self, state: TrainState, out_dir: Path) -> None:
