@@ -107,8 +107,11 @@ def score_cmd(
 ) -> None:
     """Score a directory of generated images on a bench; write per-case JSONL and the tables.
 
-    Missing or unreadable images are listed in the report and counted, never fatal. The upper
-    bound for any generator is the bench's own real images:
+    Missing or unreadable images are listed in the report and counted, never fatal.
+
+    The upper bound for any generator is the bench's own real images, written by `fewstep corpus bench-refs`:
+
+      fewstep corpus bench-refs --bench t2i-bench-mini --out runs/refs
 
       fewstep bench score --bench t2i-bench-mini --images runs/refs --out runs/refs-scores
     """

@@ -12,7 +12,8 @@ import yaml
 
 from tests.trainer.dmd_world import tiny_teacher
 
-pytestmark = pytest.mark.slow
+# Minutes on 2 cores (every stage starts Ray actors or workers); `make demo` is the same path.
+pytestmark = pytest.mark.study
 
 
 def test_demo_end_to_end(tmp_path, ray_cluster, capsys):

@@ -87,7 +87,9 @@ def write_shards(out: Path, teacher: str, n_t2i: int = 8, n_edit: int = 0, resol
                              ad.encode_images([src])[0]))
     root = storage.normalize(str(out))
     entries = []
-    for k, chunk in enumerate((rows[0::2], rows[1::2])):
+    half = (len(rows) + 1) // 2
+    # Contiguous halves (T2I rows first): a position split hands ranks different task mixes.
+    for k, chunk in enumerate((rows[:half], rows[half:])):
         rel = f"shards/part-{k:05d}.parquet"
         data = _write_table(storage.join(root, rel), chunk)
         entries.append(contract.ShardEntry(rel, len(chunk), hashlib.sha256(data).hexdigest(), len(data)))

@@ -202,8 +202,9 @@ class DeepSpeedHandle(_Handle):
 
     def step(self) -> dict[str, float]:
         norm = None
-        if self.stage == 0 and not self.ds_config["gradient_clipping"]:
-            # DeepSpeed only computes the norm when it clips (stage 0); grads are full here.
+        if self.stage == 0:
+            # Stage 0 keeps full (already all-reduced) grads but does not always report their
+            # norm; measure it before the step, as the ZeRO optimisers do.
             norm = _grad_norm(self.engine.module.parameters())
         lr = self.engine.get_lr()[0]
         self.engine.step()

@@ -8,6 +8,7 @@ when a worker dies (``train.max_failures``); a second launch of the same run nam
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -30,6 +31,7 @@ from trainer.runtime.checkpoint import FolderStore, RayStore
 from trainer.runtime.config import TrainConfig
 from trainer.runtime.data import DataSource, LocalReader, open_source, ray_dataset
 from trainer.runtime.loop import FINAL_NAME, Payload, run_worker
+from trainer.runtime.metrics import MetricsFollower
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +177,8 @@ def ray_worker_main(payload_dict: dict[str, Any]) -> None:
         payload.storage = StorageOptions(**payload.storage)
     if payload.torch_extensions_dir:
         os.environ["TORCH_EXTENSIONS_DIR"] = payload.torch_extensions_dir
+    # The driver shows progress (MetricsFollower); a bar in a worker's log file is noise.
+    payload.config = {**payload.config, "train": {**payload.config["train"], "progress": False}}
     config = TrainConfig.model_validate(payload.config)
     if not config.scaling.use_gpu:
         torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
@@ -206,7 +210,12 @@ def _launch_ray(config: TrainConfig, payload: Payload, settings: Settings) -> Ru
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints)),
         datasets={"train": dataset},
     )
-    result = trainer.fit()
+    follower = contextlib.nullcontext()
+    if config.train.progress:
+        follower = MetricsFollower(payload.run_uri, payload.storage, config.train.max_steps,
+                                   f"{config.objective_name()} ({scaling.num_workers} Ray workers)")
+    with follower:
+        result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"training run {payload.run_uri} failed: {result.error}") from result.error
     metrics = dict(result.metrics or {})

@@ -95,3 +95,53 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class MetricsFollower:
+    """Driver-side progress for the Ray launcher: follows ``<run>/metrics.jsonl`` in a thread.
+
+    Ray workers' output does not reach the driver's terminal, so the driver shows the bar
+    from what rank 0 writes (each logged step on a local run folder; each checkpoint on S3).
+    """
+
+    def __init__(self, run_uri: str, options: StorageOptions | None, total: int, description: str,
+                 interval_s: float = 2.0) -> None:
+        import threading
+
+        self.uri = storage.join(run_uri, METRICS_NAME)
+        self.options = options
+        self.interval_s = interval_s
+        self.progress = Progress(True, total, 0, description)
+        self._shown = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="metrics-follower", daemon=True)
+
+    def __enter__(self) -> MetricsFollower:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._poll()
+        self.progress.close()
+
+    def _poll(self) -> None:
+        try:
+            if not storage.exists(self.uri, self.options):
+                return
+            lines = storage.read_bytes(self.uri, self.options).decode("utf-8").splitlines()
+        except (OSError, ValueError):
+            return  # a file being replaced; the next poll reads it
+        records = [json.loads(line) for line in lines[-50:] if line.strip().startswith("{")]
+        if not records:
+            return
+        last = records[-1]
+        step = int(last.get("step", 0))
+        if step > self._shown:
+            self.progress.update(step - self._shown, last)
+            self._shown = step
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._poll()

@@ -55,8 +55,13 @@ def _valid(pe, i: int) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.no_grad()
 def write_synthetic_shards(pipeline_uri: str, out_uri: str, *, t2i_rows: int = 32, edit_rows: int = 0,
-                           rows_per_shard: int = 16, options: StorageOptions | None = None) -> str:
-    """Encode drawn images with ``pipeline_uri`` and publish a shard dataset at ``out_uri``."""
+                           rows_per_shard: int = 16, repeat: int = 1,
+                           options: StorageOptions | None = None) -> str:
+    """Encode drawn images with ``pipeline_uri`` and publish a shard dataset at ``out_uri``.
+
+    ``repeat`` > 1 copies every encoded row that many times (new ids): a bigger dataset for
+    throughput measurements at the encoding cost of a small one.
+    """
     from fewstep.models.adapter import QwenImageAdapter
 
     adapter = QwenImageAdapter.load(pipeline_uri, components=("text_encoder", "vae"), storage=options)
@@ -85,6 +90,8 @@ def write_synthetic_shards(pipeline_uri: str, out_uri: str, *, t2i_rows: int = 3
         lat_tgt = adapter.encode_images([tgt])[0].numpy()
         rows.append(_row(f"edit-{i:05d}", "edit", "object", instruction, *_valid(pe, 0), lat_tgt,
                          source=lat_src, negative=_valid(neg, 0)))
+    if repeat > 1:
+        rows = [dict(row, id=f"{row['id']}-r{r}") for r in range(repeat) for row in rows]
     empty = adapter.encode_prompts([""])
     empty_row = _row("__empty__", "t2i", "none", "", *_valid(empty, 0),
                      np.zeros((1,), np.float32))
@@ -156,7 +163,7 @@ def write_synthetic_curated(out_uri: str, *, rows: int = 32, size: int = 32, edi
 
 
 def ensure_tiny_world(root: str | Path, *, t2i_rows: int = 24, edit_rows: int = 8,
-                      preset: str = "tiny") -> tuple[str, str]:
+                      preset: str = "tiny", repeat: int = 1, rows_per_shard: int = 16) -> tuple[str, str]:
     """Build (once) a tiny random pipeline and a shard dataset encoded with it under ``root``.
 
     Returns ``(pipeline_dir, shards_dir)``. Reused when already complete, so several test
@@ -170,5 +177,6 @@ def ensure_tiny_world(root: str | Path, *, t2i_rows: int = 24, edit_rows: int = 
     if not (pipeline / "model_index.json").exists():
         init_tiny(pipeline, load_tiny_config(REPO_MODEL_CONFIGS / f"{preset}.yaml"), overwrite=True)
     if not (shards / contract.MANIFEST_NAME).exists():
-        write_synthetic_shards(str(pipeline), str(shards), t2i_rows=t2i_rows, edit_rows=edit_rows)
+        write_synthetic_shards(str(pipeline), str(shards), t2i_rows=t2i_rows, edit_rows=edit_rows,
+                               repeat=repeat, rows_per_shard=rows_per_shard)
     return str(pipeline), str(shards)

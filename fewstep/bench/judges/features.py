@@ -87,21 +87,23 @@ class FeatureExtractor:
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """FID formula between two feature sets: |mu_a - mu_b|^2 + Tr(Ca + Cb - 2 (Ca Cb)^1/2).
 
-    With fewer samples than dimensions the covariances are rank-deficient and the value is
-    biased upwards; compare FIDs only between sets of the same size (see docs/bench.md).
+    Computed exactly without a 1024x1024 matrix square root: with centred rows A (n x d) and
+    B (m x d), the non-zero eigenvalues of Ca Cb are those of (A B^T)(B A^T) / ((n-1)(m-1)), an
+    n x n symmetric matrix, so Tr((Ca Cb)^1/2) is the sum of their square roots. With fewer
+    samples than dimensions the covariances are rank-deficient and FID is biased upwards:
+    compare FIDs only between sets of the same size (see docs/bench.md).
     """
-    from scipy import linalg
-
     if len(a) < 2 or len(b) < 2:
         raise ValueError("frechet_distance needs at least 2 samples per set")
     mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(covmean).all():
-        eps = np.eye(cov_a.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
-    covmean = np.real(covmean)
-    value = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+    ca, cb = a - mu_a, b - mu_b
+    n, m = len(a), len(b)
+    cross = ca @ cb.T
+    if n > m:  # the smaller Gram matrix has the same non-zero spectrum
+        cross = cross.T
+    eig = np.linalg.eigvalsh(cross @ cross.T) / ((n - 1) * (m - 1))
+    tr_sqrt = float(np.sqrt(np.clip(eig, 0.0, None)).sum())
+    value = float(((mu_a - mu_b) ** 2).sum() + (ca**2).sum() / (n - 1) + (cb**2).sum() / (m - 1) - 2 * tr_sqrt)
     return max(value, 0.0)
 
 
