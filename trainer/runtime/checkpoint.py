@@ -46,7 +46,7 @@ def write_checkpoint(directory: Path, *, rank: int, handles: dict, objective_sta
     for name, handle in handles.items():
         if not handle.trainable:
             continue
-        if handle.__class__.__name__ == "TorchHandle" and rank != 0:
+        if getattr(handle, "replicated", False) and rank != 0:
             continue  # DDP replicas are identical; rank 0's copy is the checkpoint
         handle.save(directory / "models" / name)
     if rank == 0:

@@ -121,6 +121,8 @@ class FrozenHandle(_Handle):
 class TorchHandle(_Handle):
     """Plain torch AdamW (optionally DDP across ranks): the launcher without DeepSpeed."""
 
+    replicated = True  # every rank holds the full model and optimiser state
+
     def __init__(self, spec: ModelSpec, device: torch.device, world_size: int):
         self.name, self.trainable = spec.name, True
         self.opt_config = spec.optimizer or OptimizerConfig()
