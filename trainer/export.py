@@ -42,16 +42,18 @@ def export_student(
 ) -> str:
     """Write ``out_uri`` (local or s3://): student transformer + ``base_uri``'s other parts.
 
-    The student is saved in float32 from a copy (the caller's module, possibly bf16 inside
-    a DeepSpeed engine, is left untouched). Returns the URI written.
+    The student is saved in float32 (a bf16 or GPU module is copied first, so the caller's
+    module is left untouched). Returns the URI written.
     """
     from fewstep.models.adapter import QwenImageAdapter
 
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     base = QwenImageAdapter.load(base_uri, components=(), storage=storage)
-    bare = plain_module(student)
-    transformer = copy.deepcopy(bare).to("cpu", torch.float32).eval()
+    transformer = plain_module(student)
+    # save_pretrained only reads the weights; copy only when a cast is needed (bf16 runs, GPU).
+    if transformer.dtype != torch.float32 or transformer.device.type != "cpu":
+        transformer = copy.deepcopy(transformer).to("cpu", torch.float32)
     meta = {
         "role": "student",
         "num_steps": int(num_steps),

@@ -99,6 +99,9 @@ def _judge_one(judge: Judge, case: Any, image: Image.Image) -> CaseResult:
     except JudgeError as exc:
         log.warning("case %s: judge failed: %s", case.id, exc)
         return CaseResult(**base, status="error", error=str(exc))
+    except Exception as exc:  # one odd image must not lose the other cases' scores
+        log.exception("case %s: judge crashed", case.id)
+        return CaseResult(**base, status="error", error=f"judge crashed: {type(exc).__name__}: {exc}")
     return CaseResult(**base, status="scored", score=score, verdict=verdict.paper_json(),
                       details=verdict.details or None)
 

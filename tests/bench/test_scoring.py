@@ -59,6 +59,21 @@ def test_score_bench_bookkeeping_missing_unreadable_and_errors():
     assert "| portrait | 20 | 19 | 4.000 |" in md and "endpoint said no" in md and "| missing |" in md
 
 
+def test_a_crashing_judge_loses_only_that_case():
+    class Crashing(RecordingJudge):
+        def judge_t2i(self, case, image):
+            if case.id.endswith("-001"):
+                raise RuntimeError("boom")
+            return super().judge_t2i(case, image)
+
+    cases = load_bench("t2i-bench-mini")[:3]
+    report = score_bench("t2i-bench-mini", {c.id: c.reference_image() for c in cases}, Crashing(),
+                         set_metrics=False, progress=False)
+    crashed = [r for r in report.cases if r.status == "error"]
+    assert [r.case_id for r in crashed] == [cases[1].id] and "RuntimeError: boom" in crashed[0].error
+    assert report.n_scored == 2
+
+
 def test_edit_report_has_role_sub_scores():
     cases = load_bench("editing-bench-mini")
     report = score_bench("editing-bench-mini", {c.id: c.reference_image() for c in cases[:10]},

@@ -163,7 +163,8 @@ def test_rerun_is_a_noop_and_other_plans_are_refused(clean_run, teacher, curated
         run_precompute(CONFIG, teacher, curated, curated, show_progress=False)
 
 
-def test_missing_input_and_bad_config_say_what_to_do(teacher, tmp_path):
+def test_missing_input_and_bad_config_say_what_to_do(tmp_path):
+    teacher = str(tmp_path / "teacher")  # never reached: the input and the config are checked first
     with pytest.raises(PrecomputeError, match="fewstep curate"):
         run_precompute(CONFIG, teacher, str(tmp_path / "nothing"), str(tmp_path / "out"), show_progress=False)
     from fewstep.config import ConfigError
@@ -257,3 +258,23 @@ def test_config_identity_ignores_resources():
     b = PrecomputeConfig.model_validate({**CONFIG, "text_encoder": {**CONFIG["text_encoder"], "pool_size": 3}})
     c = PrecomputeConfig.model_validate({**CONFIG, "rows_per_shard": 4})
     assert a.identity_hash() == b.identity_hash() != c.identity_hash()
+
+
+def test_overwrite_clears_only_precompute_output(tmp_path):
+    """--overwrite removes another plan's shards, sidecars, rejects and manifest; nothing else."""
+    from pipelines.precompute.run import _prepare_output
+
+    for rel, text in {"shards/part-00000.parquet": "x", "_progress/plan.json": '{"plan_id": "old"}',
+                      "_progress/part-00000.parquet.json": "{}", "rejects/precompute-part-00000.parquet": "x",
+                      "rejects/curate-other.parquet": "keep", "empty_prompt.parquet": "x", "notes.txt": "keep",
+                      "manifest.json": json.dumps({"kind": "shards", "plan_id": "old"})}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    with pytest.raises(PrecomputeError, match="--overwrite"):
+        _prepare_output(str(tmp_path), None, "new", overwrite=False)
+    assert _prepare_output(str(tmp_path), None, "new", overwrite=True) == {}
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["notes.txt", "rejects/curate-other.parquet"]
+    (tmp_path / "manifest.json").write_text(json.dumps({"kind": "curated"}))
+    with pytest.raises(PrecomputeError, match="never overwrites"):
+        _prepare_output(str(tmp_path), None, "new", overwrite=True)

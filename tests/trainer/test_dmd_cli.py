@@ -1,0 +1,62 @@
+"""The distill / eval / demo commands: shipped configs validate, bad input gives a clear error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fewstep.cli import app
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "distill").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_distill_configs_validate(path):
+    from fewstep.config import parse_config
+    from trainer.runtime.config import TrainConfig
+
+    data = yaml.safe_load(path.read_text())
+    if path.name == "demo.yaml":  # the demo fills in its teacher and data
+        data["objective"]["guidance"]["teachers"][0]["path"] = "/teachers/base"
+    cfg = parse_config(TrainConfig, data, str(path))
+    objective = cfg.objective_config()
+    assert objective.student_steps == 4
+    assert objective.table().num_steps == 4
+
+
+def test_shipped_eval_and_demo_configs_validate():
+    from fewstep.config import load_config
+    from trainer.demo import load_demo_config
+    from trainer.evaluate.config import EvalConfig
+
+    assert load_config(EvalConfig, REPO / "configs" / "eval" / "mini.yaml").models[0].role == "teacher"
+    demo = load_demo_config(None)
+    assert demo.teacher == "assets/teachers/base" and demo.distill.config == "configs/distill/demo.yaml"
+
+
+def test_distill_rejects_a_bad_lambda_table(tmp_path):
+    data = yaml.safe_load((REPO / "configs" / "distill" / "stepwise.yaml").read_text())
+    data["objective"]["guidance"]["lambdas"]["text"][3] = [0.5, 0.4]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["distill", "--config", str(bad)])
+    assert result.exit_code == 2
+    assert "guidance.lambdas.text[3]" in result.output and "sum to 0.9, not 1" in result.output
+
+
+def test_demo_without_teacher_says_what_to_do(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "run"),
+                                      "--set", f"teacher={tmp_path / 'missing'}"])
+    assert result.exit_code == 2
+    assert "model_index.json is missing" in result.output and "init-tiny" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_rejects_unknown_keys(tmp_path):
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(yaml.safe_dump({"models": [{"name": "t", "path": "/x", "nfe_steps": 3}]}))
+    result = CliRunner().invoke(app, ["eval", "--config", str(cfg), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "models.0.nfe_steps" in result.output
