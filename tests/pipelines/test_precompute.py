@@ -278,3 +278,11 @@ def test_overwrite_clears_only_precompute_output(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"kind": "curated"}))
     with pytest.raises(PrecomputeError, match="never overwrites"):
         _prepare_output(str(tmp_path), None, "new", overwrite=True)
+
+
+def test_pools_that_would_starve_reads_are_refused(ray_cluster, teacher, curated, tmp_path):
+    """On 2 CPUs, pools taking every CPU would leave reads unscheduled forever: refuse up front."""
+    greedy = {**CONFIG, "text_encoder": {"pool_size": 2, "num_cpus": 0.5}, "vae": {"pool_size": 2, "num_cpus": 0.5}}
+    with pytest.raises(PrecomputeError, match="lower text_encoder/vae pool_size or num_cpus"):
+        run_precompute(greedy, teacher, curated, str(tmp_path / "out"), show_progress=False)
+    assert not (tmp_path / "out" / "shards").exists()
