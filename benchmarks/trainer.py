@@ -108,9 +108,28 @@ def runtime_rate(records: list[dict], warmup: int) -> float:
     return (last["step"] - first["step"]) / (last["time"] - first["time"])
 
 
-def write_section(path: Path, body: str) -> None:
+RESULTS_TAG = "<!-- trainer-results "
+
+
+def previous_results(path: Path) -> dict:
+    """Results embedded in the doc by the last run (so a part-only run keeps the other part)."""
+    if not path.exists():
+        return {}
+    text = path.read_text()
+    start = text.find(RESULTS_TAG)
+    if start < 0:
+        return {}
+    end = text.find(" -->", start)
+    try:
+        return json.loads(text[start + len(RESULTS_TAG):end])
+    except ValueError:
+        return {}
+
+
+def write_section(path: Path, body: str, results: dict) -> None:
     text = path.read_text() if path.exists() else "# Performance\n\nMeasured numbers; each section says how.\n"
-    section = "## Trainer\n\n" + body.strip() + "\n"
+    section = ("## Trainer\n\n" + body.strip() + "\n\n" + RESULTS_TAG
+               + json.dumps(results, sort_keys=True) + " -->\n")
     pattern = re.compile(r"^## Trainer\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,10 +169,11 @@ def main() -> None:
     pipeline, shards = ensure_tiny_world(work / "world-1024", t2i_rows=128, edit_rows=0, preset="teacher",
                                          repeat=8, rows_per_shard=256)
     ray_init(num_cpus=max(4, os.cpu_count() or 1))
-    results: dict = {"host": f"{platform.node()} ({os.cpu_count()} CPUs, torch {torch.__version__})",
-                     "load_avg_at_start": os.getloadavg()[0]}
+    host = f"{platform.node()} ({os.cpu_count()} CPUs, torch {torch.__version__})"
+    results: dict = {}
 
     if not args.skip_throughput:
+        load = os.getloadavg()[0]
         print("[bench] bare torch loop", flush=True)
         bare_before = bare_loop(pipeline, shards, args.steps, args.warmup, args.batch, args.threads)
         print(f"[bench] bare: {bare_before:.3f} steps/s", flush=True)
@@ -171,16 +191,22 @@ def main() -> None:
         results["throughput"] = {"bare_steps_per_s": bare, "bare_before": bare_before,
                                  "bare_after": bare_after, "ray_deepspeed_steps_per_s": ray_rate,
                                  "ratio": ray_rate / bare, "batch": args.batch, "threads": args.threads,
-                                 "steps": args.steps}
+                                 "steps": args.steps, "host": host, "load_avg": load}
         print(f"[bench] runtime: {ray_rate:.3f} steps/s; ratio {ray_rate / bare:.3f} (goal >= 0.90)", flush=True)
 
     if not args.skip_memory:
         preset = work / "bench-big.yaml"
         preset.write_text(BIG_PRESET)
-        memory = {}
+        # Built once here; the workers load it like any pretrained pipeline (one copy each).
+        from fewstep.models.tiny import init_tiny, load_tiny_config
+
+        big = work / "big-pipeline"
+        if not (big / "model_index.json").exists():
+            init_tiny(big, load_tiny_config(preset), overwrite=True)
+        memory = {"host": host, "load_avg": os.getloadavg()[0], "batch": args.mem_batch}
         for stage in (0, 3):
             name = f"memory-zero{stage}-{int(time.time())}"
-            config = _run_config(name, runs, shards, {"from": "tiny-config", "config": str(preset)},
+            config = _run_config(name, runs, shards, {"from": "pretrained", "path": str(big)},
                                  workers=2, threads=1, stage=stage, steps=args.mem_steps,
                                  batch=args.mem_batch, log_every=1)
             print(f"[bench] memory: ZeRO-{stage}, 2 workers", flush=True)
@@ -206,20 +232,22 @@ def main() -> None:
         print(f"[bench] DMD ratio {results['dmd']['ratio']:.3f} (goal >= 0.90)", flush=True)
 
     print(json.dumps(results, indent=2))
-    write_section(Path(args.out), render(results, args))
+    merged = {**previous_results(Path(args.out)), **results}
+    write_section(Path(args.out), render(merged), merged)
     print(f"[bench] wrote {args.out}")
 
 
-def render(results: dict, args) -> str:
+def render(results: dict) -> str:
     lines = [
-        "`python benchmarks/trainer.py` (one run; numbers below are from its last run).",
-        "",
-        f"Host: {results['host']}; load average at start {results['load_avg_at_start']:.1f}.",
+        "`python benchmarks/trainer.py` (all parts in one run; `--skip-memory` / `--skip-throughput` / `--skip-dmd` "
+        "re-measure some parts and keep the others' last numbers).",
         "",
     ]
     if "throughput" in results:
         t = results["throughput"]
         lines += [
+            f"Measured on {t['host']}, load average {t['load_avg']:.1f} at the start.",
+            "",
             "**Runtime overhead.** Flow-matching step of the tiny `teacher` preset transformer "
             f"(64 image tokens), batch {t['batch']}, {t['threads']} thread(s), {t['steps']} timed steps after "
             "warm-up. Bare loop: one process, torch AdamW, batches already in memory. Runtime: Ray Train "
@@ -237,8 +265,10 @@ def render(results: dict, args) -> str:
     if "memory" in results:
         m = results["memory"]
         lines += [
+            f"Measured on {m['host']}, load average {m['load_avg']:.1f} at the start.",
+            "",
             "**ZeRO-3 memory.** A ~170 M-parameter QwenImageTransformer2DModel (8 layers, 12 x 64 heads), "
-            f"fp32 + AdamW, 2 workers, batch {args.mem_batch}. Peak = peak RSS of a worker process (max over "
+            f"fp32 + AdamW, 2 workers, batch {m['batch']}. Peak = peak RSS of a worker process (max over "
             "workers); 'before models' = its RSS before the models were built (Python, torch, Ray, "
             "DeepSpeed), measured before the objective loads any model.",
             "",

@@ -66,6 +66,9 @@ class DataSection(StrictModel):
         None, description="Dataset root (local or s3://) with manifest.json: precomputed shards or curated.")
     tasks: list[Literal["t2i", "edit"]] | None = Field(None, description="Keep only these tasks.")
     categories: list[str] | None = Field(None, description="Keep only these categories.")
+    cache_mb: float = Field(
+        1024, ge=0, description="Ray launcher: after the first epoch, keep each worker's part in memory "
+                                "if it fits in this many MiB (later epochs skip Ray Data); 0 streams always.")
 
 
 class TestingSection(StrictModel):

@@ -137,3 +137,69 @@ class LocalReader:
 
 def batches_per_epoch(rows: int, batch_size: int, world_size: int) -> int:
     return (rows // world_size) // batch_size
+
+
+def _nbytes(rows: dict[str, np.ndarray]) -> int:
+    total = 0
+    for column in rows.values():
+        if column.dtype == object:
+            total += sum(len(v) if isinstance(v, (bytes, str)) else getattr(v, "nbytes", 64)
+                         for v in column)
+        else:
+            total += column.nbytes
+    return total
+
+
+class EpochCache:
+    """Keeps a worker's part of the dataset in memory after its first full epoch, if it fits.
+
+    Every Ray Data epoch re-runs the streaming read (tasks, split coordination), a fixed cost
+    that dominates when an epoch is only tens of steps. When each worker's part fits in
+    ``limit_mb`` (all ranks must agree: one all-reduce at the end of the first epoch), later
+    epochs are seeded permutations of the cached rows. Larger datasets keep streaming.
+    """
+
+    def __init__(self, limit_mb: float, batch_size: int, seed: int, rank: int, world_size: int,
+                 device) -> None:
+        self.limit = int(limit_mb * 2**20)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.device = device
+        self.parts: list[dict[str, np.ndarray]] | None = [] if self.limit > 0 else None
+        self.size = 0
+        self.table: dict[str, np.ndarray] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.table is not None
+
+    def collect(self, source: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+        """Pass batches through, keeping copies; at the end of the epoch decide with all ranks."""
+        for rows in source:
+            if self.parts is not None:
+                self.size += _nbytes(rows)
+                if self.size > self.limit:
+                    self.parts = None  # too big for this worker: keep streaming
+                else:
+                    self.parts.append(rows)
+            yield rows
+        fits = self.parts is not None and len(self.parts) > 0
+        if self.limit > 0 and self.world_size > 1:
+            import torch
+
+            if torch.distributed.is_initialized():
+                flag = torch.tensor([int(fits)], dtype=torch.int32, device=self.device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+                fits = bool(flag.item())
+        if fits and self.parts:
+            self.table = {name: np.concatenate([p[name] for p in self.parts]) for name in self.parts[0]}
+            log.info("data: rank %d keeps its %d rows (%.1f MiB) in memory for later epochs",
+                     self.rank, len(next(iter(self.table.values()))), self.size / 2**20)
+        self.parts = None if self.table is None else []
+
+    def batches(self, epoch: int, shuffle: bool) -> Iterator[dict[str, np.ndarray]]:
+        assert self.table is not None
+        n = len(next(iter(self.table.values())))
+        order = np.random.default_rng([self.seed, epoch, self.rank]).permutation(n) if shuffle else np.arange(n)
+        for start in range(0, n - self.batch_size + 1, self.batch_size):
+            index = order[start:start + self.batch_size]
+            yield {name: column[index] for name, column in self.table.items()}

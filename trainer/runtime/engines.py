@@ -31,16 +31,27 @@ def frozen_dtype(config: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if config.train.precision == "bf16" else torch.float32
 
 
-def deepspeed_config(config: TrainConfig, spec: ModelSpec) -> dict[str, Any]:
-    """The DeepSpeed config of one engine (all engines share stage and precision)."""
+def deepspeed_config(config: TrainConfig, spec: ModelSpec, n_params: int) -> dict[str, Any]:
+    """The DeepSpeed config of one engine (all engines share stage and precision).
+
+    Bucket sizes scale with the model: DeepSpeed's defaults (5e8 elements per reduce bucket,
+    1e9 live parameters under ZeRO-3) allocate gigabytes and, below a billion parameters, keep
+    every gathered ZeRO-3 parameter alive, which would undo the partitioning. Keys under
+    ``deepspeed.config`` override these.
+    """
     opt = spec.optimizer or OptimizerConfig()
     stage = config.deepspeed.zero_stage
     zero: dict[str, Any] = {"stage": stage}
-    if stage >= 2:
-        zero.update({"overlap_comm": False, "contiguous_gradients": True})
+    bucket = int(min(5e8, max(1e6, n_params // 8)))
+    if stage in (1, 2):
+        zero.update({"overlap_comm": False, "contiguous_gradients": True,
+                     "reduce_bucket_size": bucket, "allgather_bucket_size": bucket})
     if stage == 3:
-        # Small models: gather everything; thresholds only matter at scale.
-        zero.update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 5e7})
+        live = int(min(1e9, max(1e6, n_params // 4)))
+        zero.update({"overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": bucket,
+                     "stage3_prefetch_bucket_size": int(min(5e7, max(1e6, n_params // 16))),
+                     "stage3_max_live_parameters": live, "stage3_max_reuse_distance": live,
+                     "stage3_param_persistence_threshold": int(min(1e5, max(1e3, n_params // 1000)))})
     if config.deepspeed.offload_optimizer:
         if stage == 0:
             raise ValueError("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
@@ -184,12 +195,12 @@ class DeepSpeedHandle(_Handle):
 
         self.name, self.trainable = spec.name, True
         self.opt_config = spec.optimizer or OptimizerConfig()
-        self.ds_config = deepspeed_config(config, spec)
         self.stage = config.deepspeed.zero_stage
         module = spec.build().train()
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"model {spec.name!r}: trainable but has no parameter with requires_grad")
+        self.ds_config = deepspeed_config(config, spec, sum(p.numel() for p in params))
         optimizer, scheduler = _optimizer(params, self.opt_config, torch.device("cpu"))
         engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler,

@@ -29,7 +29,7 @@ from fewstep.storage import StorageOptions
 from trainer.objectives.base import resolve_objective
 from trainer.runtime.checkpoint import FolderStore, RayStore
 from trainer.runtime.config import TrainConfig
-from trainer.runtime.data import DataSource, LocalReader, open_source, ray_dataset
+from trainer.runtime.data import DataSource, EpochCache, LocalReader, open_source, ray_dataset
 from trainer.runtime.loop import FINAL_NAME, Payload, run_worker
 from trainer.runtime.metrics import MetricsFollower
 
@@ -160,14 +160,20 @@ class RayContext:
         self.config = config
         self.shard = ray.train.get_dataset_shard("train")
         self.store = RayStore()
+        train = config.train
+        self.cache = EpochCache(config.data.cache_mb, train.batch_size, train.seed, self.rank,
+                                self.world_size, self.device)
 
     def epoch_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         train = self.config.train
+        if self.cache.ready:
+            return self.cache.batches(epoch, shuffle=train.shuffle_buffer > 0)
         buffer = train.shuffle_buffer if train.shuffle_buffer > 0 else None
-        return iter(self.shard.iter_batches(
+        stream = iter(self.shard.iter_batches(
             batch_size=train.batch_size, batch_format="numpy", drop_last=True,
             local_shuffle_buffer_size=buffer,
             local_shuffle_seed=(train.seed * 1000 + epoch) * 1000 + self.rank if buffer else None))
+        return self.cache.collect(stream)
 
 
 def ray_worker_main(payload_dict: dict[str, Any]) -> None:
