@@ -78,6 +78,10 @@ class TestingSection(StrictModel):
     crash_rank: int = 1
     crash_marker: str | None = Field(
         None, description="Local file created at the crash, so the crash happens only once.")
+    crash_delay_s: float = Field(
+        6.0, ge=0, description="The crashing worker waits this long first: Ray Train's controller "
+                               "registers reported checkpoints when it polls (every 2 s), so a worker that "
+                               "dies right after a report can lose that checkpoint.")
     step_sleep_s: float = Field(0.0, ge=0, description="Sleep per step (to make runs observable).")
 
 

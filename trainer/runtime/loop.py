@@ -114,7 +114,9 @@ def _crash_hook(config: TrainConfig, rank: int, step: int) -> None:
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"rank {rank} exited at step {step} (pid {os.getpid()})\n")
-    log.warning("testing.crash_at_step: rank %d exits now at step %d", rank, step)
+    log.warning("testing.crash_at_step: rank %d exits at step %d in %.0f s", rank, step,
+                testing.crash_delay_s)
+    time.sleep(testing.crash_delay_s)
     os._exit(1)
 
 
