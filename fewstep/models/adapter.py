@@ -32,6 +32,7 @@ from fewstep.models.pipeline_dir import (
     write_components,
 )
 from fewstep.models.templates import EDIT_DROP, EDIT_TEMPLATE, T2I_DROP, T2I_TEMPLATE
+from fewstep.models.image_vae import use_single_frame_convs
 from fewstep.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ class QwenImageAdapter:
         self.dtype = dtype
         self.transformer = modules.get("transformer")
         self.vae = modules.get("vae")
+        if self.vae is not None:
+            use_single_frame_convs(self.vae)  # stages encode and decode single images
         self.text_encoder = modules.get("text_encoder")
         self.tokenizer = modules.get("tokenizer")
         self.processor = modules.get("processor")
