@@ -38,6 +38,16 @@ def _train(config_name: str, overrides: dict, runs_dir: Path) -> str:
     return result.final_uri
 
 
+def _vae_init(path: str | None) -> dict:
+    if path is None:
+        return {}
+    from fewstep.storage import normalize
+
+    # A continued run needs no warm-up: the optimiser state is new, the weights are not.
+    return {"objective.init": {"from": "pretrained", "path": normalize(path)},
+            "objective.optimizer.warmup_steps": 20}
+
+
 def _export_fp16(src: str, dst: Path) -> None:
     import torch
 
@@ -74,6 +84,9 @@ def main() -> None:
     parser.add_argument("--base-steps", type=int, default=6000)
     parser.add_argument("--text-steps", type=int, default=1500)
     parser.add_argument("--vae-minutes", type=float, default=None)
+    parser.add_argument("--vae-init", default=None,
+                        help="continue training this pipeline's VAE (e.g. an earlier run's final/) "
+                             "instead of starting from random weights")
     parser.add_argument("--base-minutes", type=float, default=None)
     parser.add_argument("--text-minutes", type=float, default=None)
     parser.add_argument("--tar-to", default=None,
@@ -97,7 +110,8 @@ def main() -> None:
                                     "train.batch_size": args.vae_batch,
                                     "train.max_steps": args.vae_steps,
                                     "train.max_minutes": args.vae_minutes,
-                                    "train.checkpoint_every": args.vae_steps}, runs)
+                                    "train.checkpoint_every": args.vae_steps,
+                                    **_vae_init(args.vae_init)}, runs)
     timings["vae_s"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -88,12 +88,18 @@ def open_source(section: DataSection, expected_kind: str, columns: tuple[str, ..
     return DataSource(uri, expected_kind, files, manifest, columns, tasks, categories)
 
 
-def ray_dataset(source: DataSource, options: StorageOptions | None):
-    """A streaming Ray Data dataset over the source (nothing is read on the driver)."""
+def ray_dataset(source: DataSource, options: StorageOptions | None, shuffle_seed: int | None = None):
+    """A streaming Ray Data dataset over the source (nothing is read on the driver).
+
+    With ``shuffle_seed``, the shard files are read in a seeded random order, new each epoch:
+    the data engine writes shards grouped by task and category, and a local shuffle buffer alone
+    would then serve one category after another.
+    """
     import ray.data
 
     fs, _ = storage.pyarrow_filesystem(source.uri, options)
-    dataset = ray.data.read_parquet(source.backend_paths(), filesystem=fs,
+    shuffle = None if shuffle_seed is None else ray.data.FileShuffleConfig(seed=shuffle_seed)
+    dataset = ray.data.read_parquet(source.backend_paths(), filesystem=fs, shuffle=shuffle,
                                     columns=list(source.columns) if source.columns else None)
     expr = source.ray_filter()
     # Arrow-native predicate: Ray pushes it down to the parquet scan where it can.

@@ -200,7 +200,8 @@ def _launch_ray(config: TrainConfig, payload: Payload, settings: Settings) -> Ru
 
     ray_init(settings.ray_address, settings.ray_num_cpus)
     source = _data_source(config, payload.storage)
-    dataset = ray_dataset(source, payload.storage)
+    dataset = ray_dataset(source, payload.storage,
+                          shuffle_seed=config.train.seed if config.train.shuffle_buffer > 0 else None)
     fs, path = storage.pyarrow_filesystem(payload.run_uri, payload.storage)
     scaling = config.scaling
     trainer = TorchTrainer(
