@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fewstep.models.image_vae import use_single_frame_convs
 from fewstep.models.pipeline_dir import (
     MODEL_COMPONENTS,
     NotAPipelineError,
@@ -32,7 +33,6 @@ from fewstep.models.pipeline_dir import (
     write_components,
 )
 from fewstep.models.templates import EDIT_DROP, EDIT_TEMPLATE, T2I_DROP, T2I_TEMPLATE
-from fewstep.models.image_vae import use_single_frame_convs
 from fewstep.storage import StorageOptions
 
 log = logging.getLogger(__name__)
