@@ -176,8 +176,8 @@ class Stages:
             data = _fill(load_config_dict(path, overrides), {"{teacher}": teacher})
             cfg = parse_config(TrainConfig, data, str(path))
             cfg.objective_config()  # validate the DMD section now, with the file name in errors
-            with MetricsWatcher(self.uri("distill"), self.options, cfg.train.max_steps):
-                result = launch(cfg, self.settings, self.options)
+            # launch() shows the run's progress bar with the DMD metrics (MetricsFollower).
+            result = launch(cfg, self.settings, self.options)
             if not result.final_uri:
                 raise DemoError(f"distill finished without an exported student in {result.run_uri}")
             final = result.final_uri
@@ -207,55 +207,6 @@ class Stages:
             report = run_eval(cfg, out, self.options, self.cfg.ray_address)
         self.done("eval", start)
         return report
-
-
-class MetricsWatcher:
-    """Print the distill run's progress from its metrics.jsonl while the workers train.
-
-    Ray Train workers log to their own files; the run's metrics file is the one place that
-    shows, from the driver, how far training is and whether it is collapsing.
-    """
-
-    KEYS = (("dmd_loss", "dmd"), ("fake_loss", "fake"), ("student_grad_norm", "|g|"),
-            ("mixture_edit_share", "edit share"), ("val_score", "val score"), ("val_pixel_std", "val std"))
-
-    def __init__(self, run_uri: str, options, max_steps: int, every_s: float = 5.0):
-        import threading
-
-        self.run_uri, self.options, self.max_steps, self.every_s = run_uri, options, max_steps, every_s
-        self.seen = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.started = time.perf_counter()
-
-    def __enter__(self) -> MetricsWatcher:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(timeout=10)
-        self._poll()
-
-    def _loop(self) -> None:
-        while not self.stop.wait(self.every_s):
-            self._poll()
-
-    def _poll(self) -> None:
-        from trainer.runtime.metrics import read_metrics
-
-        try:
-            records = read_metrics(self.run_uri, self.options)
-        except Exception:  # not written yet (workers still starting)
-            return
-        for record in records:
-            step = int(record.get("step", 0))
-            if step <= self.seen:
-                continue
-            self.seen = step
-            parts = [f"{label} {record[key]:.4g}" for key, label in self.KEYS if key in record]
-            elapsed = time.perf_counter() - self.started
-            print(f"    step {step}/{self.max_steps}  " + "  ".join(parts) + f"  ({elapsed:.0f} s)", flush=True)
 
 
 def load_config_dict(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:

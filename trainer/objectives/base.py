@@ -195,6 +195,8 @@ class Objective(ABC):
     data_kind: ClassVar[str] = "shards"
     # Columns the objective needs (None: all). Saves reading image bytes it never uses.
     columns: ClassVar[tuple[str, ...] | None] = None
+    # Metrics shown beside the progress bar (their latest logged values).
+    progress_keys: ClassVar[tuple[str, ...]] = ("loss", "samples_per_s")
 
     def __init__(self, config: StrictModel, env: ObjectiveEnv):
         self.config = config

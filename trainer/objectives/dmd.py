@@ -121,6 +121,8 @@ class DMDObjective(Objective):
     Config = DMDConfig
     data_kind = "shards"
     columns = DMD_COLUMNS
+    progress_keys = ("dmd_loss", "fake_loss", "student_grad_norm", "mixture_edit_share", "val_score",
+                     "val_pixel_std")
 
     def __init__(self, config: DMDConfig, env: ObjectiveEnv):
         super().__init__(config, env)

@@ -62,6 +62,7 @@ class VAEObjective(Objective):
     """Trains the VAE of a pipeline (curated images, not shards)."""
 
     name = "vae"
+    progress_keys = ("loss", "psnr", "samples_per_s")
     Config = VAEConfig
     data_kind = "curated"
     columns = ("id", "task", "category", "image", "source_image")

@@ -220,7 +220,8 @@ def _launch_ray(config: TrainConfig, payload: Payload, settings: Settings) -> Ru
     follower = contextlib.nullcontext()
     if config.train.progress:
         follower = MetricsFollower(payload.run_uri, payload.storage, config.train.max_steps,
-                                   f"{config.objective_name()} ({scaling.num_workers} Ray workers)")
+                                   f"{config.objective_name()} ({scaling.num_workers} Ray workers)",
+                                   keys=resolve_objective(config.objective_name()).progress_keys)
     with follower:
         result = trainer.fit()
     if result.error is not None:

@@ -192,7 +192,7 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
 
     metrics_log = MetricsLog(payload.run_uri, payload.storage, work_dir, position.step) if rank == 0 else None
     progress = Progress(train.progress and rank == 0, train.max_steps, position.step,
-                        f"{objective.describe()} (rank 0 of {world})")
+                        f"{objective.describe()} (rank 0 of {world})", objective_cls.progress_keys)
 
     stream = _batch_stream(ctx, position)
     state.next_batch = lambda: objective.collate(next(stream), device)

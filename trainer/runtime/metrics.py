@@ -74,8 +74,11 @@ def read_metrics(uri: str, options: StorageOptions | None = None) -> list[dict[s
 class Progress:
     """A tqdm bar on rank 0 showing the step, the loss and samples/s; silent elsewhere."""
 
-    def __init__(self, enabled: bool, total: int, initial: int, description: str) -> None:
+    def __init__(self, enabled: bool, total: int, initial: int, description: str,
+                 keys: tuple[str, ...] = ("loss", "samples_per_s")) -> None:
         self.bar = None
+        self.keys = keys
+        self._latest: dict[str, Any] = {}  # metrics logged only some steps stay shown
         if enabled:
             from tqdm import tqdm
 
@@ -88,8 +91,9 @@ class Progress:
             return
         self.bar.update(steps)
         if metrics:
-            shown = {k: f"{v:.4g}" for k, v in metrics.items()
-                     if k in ("loss", "samples_per_s") and isinstance(v, float) and math.isfinite(v)}
+            self._latest.update(metrics)
+            shown = {k: f"{self._latest[k]:.4g}" for k in self.keys
+                     if isinstance(self._latest.get(k), float) and math.isfinite(self._latest[k])}
             self.bar.set_postfix(shown, refresh=False)
 
     def close(self) -> None:
@@ -102,16 +106,18 @@ class MetricsFollower:
 
     Ray workers' output does not reach the driver's terminal, so the driver shows the bar
     from what rank 0 writes (each logged step on a local run folder; each checkpoint on S3).
+    ``keys`` are the metrics shown beside the bar, each at its latest logged value (a DMD run's
+    ``val_score`` is logged only on validation steps and stays shown between them).
     """
 
     def __init__(self, run_uri: str, options: StorageOptions | None, total: int, description: str,
-                 interval_s: float = 2.0) -> None:
+                 interval_s: float = 2.0, keys: tuple[str, ...] = ("loss", "samples_per_s")) -> None:
         import threading
 
         self.uri = storage.join(run_uri, METRICS_NAME)
         self.options = options
         self.interval_s = interval_s
-        self.progress = Progress(True, total, 0, description)
+        self.progress = Progress(True, total, 0, description, keys)
         self._shown = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="metrics-follower", daemon=True)
@@ -136,10 +142,12 @@ class MetricsFollower:
         records = [json.loads(line) for line in lines[-50:] if line.strip().startswith("{")]
         if not records:
             return
-        last = records[-1]
-        step = int(last.get("step", 0))
+        step = int(records[-1].get("step", 0))
         if step > self._shown:
-            self.progress.update(step - self._shown, last)
+            for record in records:
+                if int(record.get("step", 0)) > self._shown:
+                    self.progress.update(0, record)
+            self.progress.update(step - self._shown, records[-1])
             self._shown = step
 
     def _follow(self) -> None:
