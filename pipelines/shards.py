@@ -224,7 +224,7 @@ def collate_shard_rows(rows, device="cpu", dtype=None) -> ShardBatch:
 
 def load_empty_prompt(uri: str, storage: StorageOptions | None = None, device="cpu"):
     """The empty-prompt embedding (T2I classifier-free guidance) as a one-row ``PromptEmbeds``."""
-    from fewstep.models.adapter import PromptEmbeds
+    from fewstep.models.tokens import PromptEmbeds
 
     manifest = read_manifest(uri, storage)
     rel = manifest.get("empty_prompt", {}).get("path", EMPTY_PROMPT_NAME)

@@ -100,7 +100,7 @@ def test_sample_deterministic_with_seed(ad):
 def test_sample_equals_diffusers_t2i(ad, tiny_dir, shift, cfg):
     from diffusers import QwenImagePipeline
 
-    from fewstep.models.adapter import pack_latents
+    from fewstep.models.tokens import pack_latents
 
     pipe = QwenImagePipeline.from_pretrained(tiny_dir)
     pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, shift=shift)
@@ -113,7 +113,7 @@ def test_sample_equals_diffusers_t2i(ad, tiny_dir, shift, cfg):
 
 
 def test_edit_path_equals_diffusers_edit_pipeline(ad, tiny_dir, monkeypatch):
-    from fewstep.models.adapter import pack_latents
+    from fewstep.models.tokens import pack_latents
 
     pipe = _small_edit_pipeline(monkeypatch, tiny_dir, side=32)
     image = _images(1, seed=3)[0]
@@ -164,7 +164,7 @@ def test_predict_velocity_has_gradients(ad):
 
 
 def test_guided_velocity_cfg_and_norm_rescale(ad):
-    from fewstep.models.adapter import pack_latents
+    from fewstep.models.tokens import pack_latents
 
     cond, uncond = ad.encode_prompts(PROMPTS), ad.encode_prompts(["", ""])
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.5, 0.5])
@@ -191,7 +191,7 @@ def test_sigmas_match_scheduler(ad, shift):
 
 
 def test_prompt_embeds_helpers(ad):
-    from fewstep.models.adapter import PromptEmbeds
+    from fewstep.models.tokens import PromptEmbeds
 
     a, b = ad.encode_prompts(PROMPTS[:1]), ad.encode_prompts(PROMPTS[1:])
     both = PromptEmbeds.cat([a, b])

@@ -112,7 +112,8 @@ def test_not_a_pipeline_dir_gives_clear_error(tmp_path):
 def test_save_load_round_trip_is_bit_exact(tiny_dir, tmp_path):
     from diffusers import QwenImagePipeline
 
-    from fewstep.models.adapter import QwenImageAdapter, pack_latents
+    from fewstep.models.adapter import QwenImageAdapter
+    from fewstep.models.tokens import pack_latents
 
     ad = QwenImageAdapter.load(tiny_dir)
     out = ad.save_pipeline(str(tmp_path / "saved"))

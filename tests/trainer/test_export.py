@@ -31,7 +31,7 @@ def exported(tmp_path_factory):
 def test_t2i_pipeline_samples_the_students_4_step_schedule(exported):
     from diffusers import QwenImagePipeline
 
-    from fewstep.models.adapter import pack_latents
+    from fewstep.models.tokens import pack_latents
 
     ad, student, out = exported
     pipe = QwenImagePipeline.from_pretrained(out)

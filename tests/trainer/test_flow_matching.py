@@ -67,7 +67,7 @@ class Recorder(torch.nn.Module):
 
 
 def test_path_target_and_loss(world, tmp_path):
-    from fewstep.models.adapter import pack_latents
+    from fewstep.models.tokens import pack_latents
 
     objective = _objective(world, tmp_path, dropout=0.0)
     state = _state()
@@ -99,7 +99,7 @@ def test_path_target_and_loss(world, tmp_path):
 
     # The loss is the MSE against eps - x, weighted by the rows of each task.
     with torch.no_grad():
-        from fewstep.models.adapter import PromptEmbeds
+        from fewstep.models.tokens import PromptEmbeds
 
         target = eps - x
         expected = 0.0

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
-from fewstep.models.adapter import PromptEmbeds, QwenImageAdapter
+from fewstep.models.adapter import QwenImageAdapter
+from fewstep.models.tokens import PromptEmbeds
 
 
 @dataclass

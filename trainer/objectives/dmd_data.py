@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fewstep.contract import mask_from_bytes, tensor_from_bytes
-from fewstep.models.adapter import PromptEmbeds
+from fewstep.models.tokens import PromptEmbeds
 from trainer.objectives.base import iter_columns
 
 # Columns the DMD objective reads from shards (no image bytes exist in shards anyway).

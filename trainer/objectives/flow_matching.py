@@ -20,7 +20,8 @@ import torch
 from pydantic import Field
 
 from fewstep.config import StrictModel
-from fewstep.models.adapter import PromptEmbeds, QwenImageAdapter
+from fewstep.models.adapter import QwenImageAdapter
+from fewstep.models.tokens import PromptEmbeds
 from pipelines.shards import ShardBatch, collate_shard_rows, load_empty_prompt
 from trainer.objectives.base import (
     ModelSpec,
