@@ -66,11 +66,27 @@ def load_config(model: type[T], path: str | Path, overrides: dict[str, Any] | No
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a config tree; a number indexes a list (``models.2.path``)."""
     keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-    node[keys[-1]] = value
+    node: Any = data
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not key.lstrip("-").isdigit() or not -len(node) <= int(key) < len(node):
+                where = ".".join(keys[:depth]) or "the config"
+                raise ConfigError(f"--set {dotted}: {where} is a list of {len(node)}; "
+                                  f"use an index 0..{len(node) - 1} in place of {key!r}")
+            if last:
+                node[int(key)] = value
+            else:
+                node = node[int(key)]
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[:depth])} is a value ({node!r}), "
+                              f"not a section with a {key!r} key")
+        elif last:
+            node[key] = value
+        else:
+            node = node.setdefault(key, {})
 
 
 def config_hash(config: BaseModel | dict) -> str:

@@ -53,3 +53,18 @@ def test_config_hash_is_order_independent():
     b = Outer.model_validate({"inner": {"steps": 2, "rate": 1.0}, "name": "x"})
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash(Outer(name="y", inner=Inner(rate=1.0, steps=2)))
+
+
+def test_set_reaches_list_items_and_explains_bad_paths():
+    import pytest
+
+    from fewstep.config import ConfigError, set_dotted
+
+    data = {"models": [{"name": "teacher", "path": "a"}, {"name": "student", "path": "b"}], "seed": 0}
+    set_dotted(data, "models.1.path", "runs/x/final")
+    set_dotted(data, "train.max_steps", 5)
+    assert data["models"][1]["path"] == "runs/x/final" and data["train"] == {"max_steps": 5}
+    with pytest.raises(ConfigError, match="list of 2; use an index 0..1"):
+        set_dotted(data, "models.7.path", "c")
+    with pytest.raises(ConfigError, match="is a value"):
+        set_dotted(data, "seed.value", 1)
