@@ -68,9 +68,11 @@ def test_t2i_pipeline_loads_and_samples(name):
     assert np.asarray(image).std() > 1.0  # not a blank picture
 
 
-# Not in CI: on this machine it ran past 4 minutes at the end of session 2 (not yet diagnosed;
-# the same pipeline on a tiny export passes in tests/trainer/test_export.py).
-@pytest.mark.study
+# The stock edit pipeline sizes every source image to ~1 megapixel (Qwen-Image-Edit's convention,
+# whatever height/width are asked): for these 64 px teachers that is a 256x256 latent grid, 16k
+# source tokens per network call, far outside what they were trained on. It still has to load and
+# run; one step without CFG keeps that to about a minute. fewstep's own sampling (eval, demo) sizes
+# sources to the model's training resolution, as the shards were made.
 @pytest.mark.parametrize("name", NAMES)
 def test_edit_pipeline_loads_and_samples(name):
     from diffusers import QwenImageEditPipeline
@@ -84,7 +86,8 @@ def test_edit_pipeline_loads_and_samples(name):
     pipe = QwenImageEditPipeline.from_pretrained(TEACHERS / name, processor=processor,
                                                  torch_dtype=torch.float32)
     source = Image.new("RGB", (64, 64), (35, 75, 200))
-    result = pipe(image=source, prompt="change the background to red", negative_prompt=" ",
-                  true_cfg_scale=4.0, num_inference_steps=8, height=64, width=64,
+    result = pipe(image=source, prompt="change the background to red", true_cfg_scale=1.0,
+                  num_inference_steps=1, height=64, width=64,
                   generator=torch.Generator().manual_seed(0))
     assert result.images[0].size == (64, 64)
+    assert np.isfinite(np.asarray(result.images[0], dtype=np.float32)).all()
