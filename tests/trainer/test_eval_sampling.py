@@ -32,7 +32,7 @@ def test_case_noise_is_the_pipelines_noise_for_the_seed():
 def test_collapse_indicators():
     flat = [Image.new("RGB", (16, 16), (120, 30, 30))] * 3
     stats = image_stats(flat)
-    assert stats == pytest.approx({"pixel_std": 0.0, "diversity": 0.0}, abs=1e-6)
+    assert stats == pytest.approx({"pixel_std": 0.0, "diversity": 0.0, "border_mode_share": 1.0}, abs=1e-6)
     rng = torch.Generator().manual_seed(0)
     noisy = [Image.fromarray((torch.rand(16, 16, 3, generator=rng) * 255).byte().numpy()) for _ in range(3)]
     varied = image_stats(noisy)
@@ -49,3 +49,16 @@ def test_validation_cases_are_split_evenly_over_ranks():
 def test_grid_shape():
     grid = make_grid([Image.new("RGB", (8, 8))] * 5, ["a"] * 5, columns=2, cell=10)
     assert grid.size == (20, 3 * (10 + 12))
+
+
+def test_border_mode_share_flags_one_background_for_every_prompt():
+    def framed(background, subject=(250, 200, 30)):
+        image = Image.new("RGB", (32, 32), background)
+        image.paste(subject, (10, 10, 22, 22))
+        return image
+
+    palette = [(30, 80, 200), (200, 30, 30), (40, 160, 60), (250, 250, 250), (20, 20, 20), (140, 40, 170)]
+    varied = image_stats([framed(c) for c in palette])
+    assert varied["border_mode_share"] == pytest.approx(1 / 6)
+    drifted = image_stats([framed(palette[0])] * 5 + [framed(palette[1])])
+    assert drifted["border_mode_share"] == pytest.approx(5 / 6)

@@ -140,18 +140,28 @@ def sample_cases(adapter: QwenImageAdapter, transformer, inputs: CaseInputs, *, 
 
 
 def image_stats(images: Sequence[Image.Image]) -> dict[str, float]:
-    """Collapse indicators: mean per-image pixel std (flat colour -> 0) and mean pairwise
-    distance between images of different prompts (mode collapse -> 0), both on [0, 1] pixels."""
+    """Collapse indicators, on [0, 1] pixels: mean per-image pixel std (flat colour -> 0), mean
+    pairwise distance between images of different prompts (mode collapse -> 0), and the share of
+    images whose border colour falls in the most common coarse colour bin (one background for
+    every prompt -> 1; prompts asking for varied backgrounds keep it low)."""
     import numpy as np
 
     arrays = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
     pixel_std = float(arrays.std(axis=(1, 2)).mean())  # spatial std per channel: flat colour -> 0
+    edge = max(1, arrays.shape[1] // 16)
+    border = np.concatenate([arrays[:, :edge].reshape(len(arrays), -1, 3),
+                             arrays[:, -edge:].reshape(len(arrays), -1, 3),
+                             arrays[:, :, :edge].reshape(len(arrays), -1, 3),
+                             arrays[:, :, -edge:].reshape(len(arrays), -1, 3)], axis=1).mean(axis=1)
+    bins = np.minimum((border * 4).astype(int), 3)  # 4 levels per channel: 64 colour bins
+    _, counts = np.unique(bins, axis=0, return_counts=True)
+    border_mode_share = float(counts.max() / len(arrays))
     if len(arrays) < 2:
-        return {"pixel_std": pixel_std, "diversity": 0.0}
+        return {"pixel_std": pixel_std, "diversity": 0.0, "border_mode_share": border_mode_share}
     flat = arrays.reshape(len(arrays), -1)
     dists = [float(np.sqrt(((flat[i] - flat[j]) ** 2).mean()))
              for i in range(len(flat)) for j in range(i + 1, len(flat))]
-    return {"pixel_std": pixel_std, "diversity": float(np.mean(dists))}
+    return {"pixel_std": pixel_std, "diversity": float(np.mean(dists)), "border_mode_share": border_mode_share}
 
 
 def make_grid(images: Sequence[Image.Image], labels: Sequence[str] | None = None, columns: int = 8,

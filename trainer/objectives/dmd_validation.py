@@ -4,7 +4,7 @@ Collapse to noise or flat colour is the failure practitioners of DMD report most
 happens during training. Every ``validation.every`` steps the student samples a few fixed
 bench cases (its own ``student_steps`` NFE, no CFG, the cases' own seeds), the bench judge
 scores them, and the metrics (``val_score``, ``val_score_<category>``, ``val_pixel_std``,
-``val_diversity``) go into the run's metrics next to the losses; rank 0 also writes a grid
+``val_diversity``, ``val_border_mode_share``) go into the run's metrics next to the losses; rank 0 also writes a grid
 to ``<run>/validation/step-<N>.png``.
 
 Every rank samples its share of the cases (the same count on each rank, so ZeRO-3's
@@ -95,6 +95,6 @@ class Validator:
             grid.save(buffer, format="PNG")
             uri = storage.join(self.env.run_uri, "validation", f"step-{step:06d}.png")
             storage.write_bytes_atomic(uri, buffer.getvalue(), self.env.storage)
-        log.info("validation at step %d: score %.2f, pixel std %.3f, diversity %.3f", step,
-                 out["val_score"], out["val_pixel_std"], out["val_diversity"])
+        log.info("validation at step %d: score %.2f, pixel std %.3f, diversity %.3f, border mode share %.2f",
+                 step, out["val_score"], out["val_pixel_std"], out["val_diversity"], out["val_border_mode_share"])
         return out
