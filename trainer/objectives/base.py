@@ -78,6 +78,7 @@ import numpy as np
 
 from fewstep.config import StrictModel
 from fewstep.storage import StorageOptions
+from trainer.runtime.metrics import DEFAULT_PROGRESS_KEYS
 
 if TYPE_CHECKING:
     import torch
@@ -196,7 +197,7 @@ class Objective(ABC):
     # Columns the objective needs (None: all). Saves reading image bytes it never uses.
     columns: ClassVar[tuple[str, ...] | None] = None
     # Metrics shown beside the progress bar (their latest logged values).
-    progress_keys: ClassVar[tuple[str, ...]] = ("loss", "samples_per_s")
+    progress_keys: ClassVar[tuple[str, ...]] = DEFAULT_PROGRESS_KEYS
 
     def __init__(self, config: StrictModel, env: ObjectiveEnv):
         self.config = config

@@ -18,6 +18,7 @@ from fewstep import storage
 from fewstep.storage import StorageOptions
 
 METRICS_NAME = "metrics.jsonl"
+DEFAULT_PROGRESS_KEYS = ("loss", "samples_per_s")  # beside the bar, unless an objective names others
 
 
 class MetricsLog:
@@ -75,7 +76,7 @@ class Progress:
     """A tqdm bar on rank 0 showing the step, the loss and samples/s; silent elsewhere."""
 
     def __init__(self, enabled: bool, total: int, initial: int, description: str,
-                 keys: tuple[str, ...] = ("loss", "samples_per_s")) -> None:
+                 keys: tuple[str, ...] = DEFAULT_PROGRESS_KEYS) -> None:
         self.bar = None
         self.keys = keys
         self._latest: dict[str, Any] = {}  # metrics logged only some steps stay shown
@@ -111,7 +112,7 @@ class MetricsFollower:
     """
 
     def __init__(self, run_uri: str, options: StorageOptions | None, total: int, description: str,
-                 interval_s: float = 2.0, keys: tuple[str, ...] = ("loss", "samples_per_s")) -> None:
+                 interval_s: float = 2.0, keys: tuple[str, ...] = DEFAULT_PROGRESS_KEYS) -> None:
         import threading
 
         self.uri = storage.join(run_uri, METRICS_NAME)
@@ -144,10 +145,12 @@ class MetricsFollower:
             return
         step = int(records[-1].get("step", 0))
         if step > self._shown:
+            # Every record since the last poll, oldest first: Progress keeps each key's latest value.
+            merged: dict[str, Any] = {}
             for record in records:
                 if int(record.get("step", 0)) > self._shown:
-                    self.progress.update(0, record)
-            self.progress.update(step - self._shown, records[-1])
+                    merged.update(record)
+            self.progress.update(step - self._shown, merged)
             self._shown = step
 
     def _follow(self) -> None:
