@@ -180,3 +180,19 @@ def test_data_errors_are_clear(world, tmp_path):
     # Ranks get disjoint, equal parts of an epoch.
     ids = [set(b["id"]) for r in range(2) for b in reader.batches(2, seed=0, epoch=0, rank=r, world_size=2)]
     assert sum(len(s) for s in ids) == len(set().union(*ids))
+
+
+def test_one_process_stops_at_the_first_step_past_max_minutes(world, tmp_path):
+    """A fixed-time job on one process stops right after its budget, not at the next log step."""
+    from trainer.runtime.config import TrainConfig
+    from trainer.runtime.launch import launch
+    from trainer.runtime.metrics import read_metrics
+
+    raw = _raw(world, str(tmp_path), "budget", max_steps=10_000, log_every=1000, checkpoint_every=1000,
+               batch_size=4, max_minutes=0.02, export=False)  # 1.2 s of 10,000 steps
+    raw.update(launcher="local", device="cpu")
+    raw["deepspeed"]["enabled"] = False
+    raw["testing"] = {"step_sleep_s": 0.2}
+    result = launch(TrainConfig.model_validate(raw))
+    assert 2 <= result.metrics["step"] < 100
+    assert [r["step"] for r in read_metrics(str(tmp_path / "budget"))] == [result.metrics["step"]]

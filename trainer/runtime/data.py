@@ -129,6 +129,8 @@ class LocalReader:
             columns=list(source.columns) if source.columns else None, filter=source.arrow_filter())
         if self.table.num_rows == 0:
             raise ValueError(f"data: no rows left in {source.uri} after the task/category filter")
+        # One chunk per column: a random-index take over many parquet row groups costs ~15x more.
+        self.table = self.table.combine_chunks()
         log.info("data: %d rows from %s", self.table.num_rows, source.uri)
 
     def batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,

