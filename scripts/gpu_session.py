@@ -103,6 +103,12 @@ def main() -> None:
     parser.add_argument("--work", default="runs/gpu-session")
     parser.add_argument("--out", required=True, help="fp16 transformers, logs and benchmark JSON")
     parser.add_argument("--minutes", type=float, default=8.5, help="deadline of the whole session")
+    parser.add_argument("--base-minutes", type=float, nargs=2, default=(0.34, 0.16), metavar=("STABLE", "DECAY"),
+                        help="base teacher budget as fractions of --minutes (0 0 skips: DMD then "
+                             "distils --base-init itself)")
+    parser.add_argument("--text-minutes", type=float, nargs=2, default=(0.03, 0.04), metavar=("STABLE", "DECAY"),
+                        help="text specialist budget as fractions of --minutes (0 0 skips)")
+    parser.add_argument("--dmd-minutes", type=float, default=0.28, help="DMD budget, fraction of --minutes")
     parser.add_argument("--batch", type=int, default=256, help="teacher rows per step")
     parser.add_argument("--lr", type=float, default=8e-4, help="teacher learning rate")
     parser.add_argument("--dmd-batch", type=int, default=32)
@@ -148,19 +154,23 @@ def main() -> None:
                   "train.batch_size": args.batch, "objective.optimizer.lr": args.lr}
         t = clock.elapsed_s()
         minutes = args.minutes
-        base = _annealed("base.yaml", "base", common, normalize(args.base_init), clock,
-                         0.34 * minutes, 0.16 * minutes, runs, {})
-        timings["base_s"] = clock.elapsed_s() - t
-        done["base"] = _export(base, work, out, "base")
+        base = normalize(args.base_init)
+        if sum(args.base_minutes) > 0:
+            stable, decay = (f * minutes for f in args.base_minutes)
+            base = _annealed("base.yaml", "base", common, base, clock, stable, decay, runs, {})
+            timings["base_s"] = clock.elapsed_s() - t
+            done["base"] = _export(base, work, out, "base")
 
         t = clock.elapsed_s()
-        text = _annealed("text-specialist.yaml", "text", common, base, clock,
-                         0.03 * minutes, 0.04 * minutes, runs, {"objective.optimizer.lr": args.lr / 4})
-        timings["text_s"] = clock.elapsed_s() - t
-        done["text-specialist"] = _export(text, work, out, "text-specialist")
+        if sum(args.text_minutes) > 0:
+            stable, decay = (f * minutes for f in args.text_minutes)
+            text = _annealed("text-specialist.yaml", "text", common, base, clock, stable, decay, runs,
+                             {"objective.optimizer.lr": args.lr / 4})
+            timings["text_s"] = clock.elapsed_s() - t
+            done["text-specialist"] = _export(text, work, out, "text-specialist")
 
         t = clock.elapsed_s()
-        dmd_minutes = min(0.28 * minutes, clock.left_min() - 1.2)
+        dmd_minutes = min(args.dmd_minutes * minutes, clock.left_min() - 1.2)
         if dmd_minutes > 0.5:
             overrides = {"launcher": "local", "device": device, "deepspeed.enabled": False,
                          "train.progress": False, "data.uri": shards, "run.name": "distill",
@@ -177,7 +187,7 @@ def main() -> None:
         left_s = clock.left_min() * 60
         if "student" in done and left_s > 45:
             t = clock.elapsed_s()
-            command = [sys.executable, str(ROOT / "benchmarks" / "sampling.py"), "--teacher", done["base"],
+            command = [sys.executable, str(ROOT / "benchmarks" / "sampling.py"), "--teacher", base,
                        "--student", done["student"], "--device", device, "--doc", "",
                        "--out", str(out / "sampling.json"), "--judge", args.judge,
                        "--cases-per-category", str(args.sampling_cases)]
