@@ -49,22 +49,10 @@ class Clock:
         return time.monotonic() - self.start
 
 
-def _train(config: Path, overrides: dict, runs: Path) -> tuple[str, dict, float]:
-    from fewstep.settings import Settings
-    from trainer.runtime.config import load_train_config
-    from trainer.runtime.launch import launch
-
-    started = time.monotonic()
-    result = launch(load_train_config(config, overrides), Settings(runs_dir=runs))
-    seconds = time.monotonic() - started
-    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    log.info("%s (%s): %.0f s, %s", config.name, overrides.get("run.name"), seconds, json.dumps(metrics))
-    return result.final_uri, metrics, seconds
+from train_teachers import _export_fp16, precompute_shards, train_stage  # noqa: E402
 
 
 def _export(src: str, work: Path, out: Path, name: str) -> str:
-    from train_teachers import _export_fp16
-
     dst = work / "export" / name
     _export_fp16(src, dst)
     shutil.copy(dst / "transformer" / "diffusion_pytorch_model.safetensors", out / f"{name}.safetensors")
@@ -77,7 +65,7 @@ def _annealed(config: str, name: str, common: dict, init: str, clock: Clock, sta
     """Constant lr for ``stable_min``, then a linear decay to 0 sized to fit ``decay_min``."""
     path = ROOT / "configs" / "teacher" / config
     base = {**common, **extra, "objective.optimizer.warmup_steps": 50}
-    final, metrics, seconds = _train(path, {**base, "run.name": f"{name}-stable",
+    final, metrics, seconds = train_stage(path, {**base, "run.name": f"{name}-stable",
                                             "objective.init.path": init,
                                             "train.max_minutes": stable_min}, runs)
     rate = max(1.0, metrics.get("step", 0)) / max(1.0, seconds)
@@ -86,7 +74,7 @@ def _annealed(config: str, name: str, common: dict, init: str, clock: Clock, sta
     if steps < 20:
         log.warning("%s: no time left for the decay (%d steps); keeping the stable run", name, steps)
         return final
-    final, metrics, _ = _train(path, {**base, "run.name": f"{name}-decay",
+    final, metrics, _ = train_stage(path, {**base, "run.name": f"{name}-decay",
                                       "objective.init.path": final,
                                       "objective.optimizer.warmup_steps": 20,
                                       "objective.optimizer.decay": "linear",
@@ -130,22 +118,17 @@ def main() -> None:
     import torch
 
     from fewstep.storage import normalize
-    from pipelines.precompute import load_precompute_config, run_precompute
     from trainer.runtime.config import parse_overrides
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log.info("device %s (%s), torch %s", device,
              torch.cuda.get_device_name(0) if device == "cuda" else "no GPU", torch.__version__)
-    gpu = 1 if device == "cuda" else 0
     timings: dict[str, float] = {}
     done: dict[str, str] = {}
     try:
         t = clock.elapsed_s()
-        pre = load_precompute_config(ROOT / "configs" / "precompute" / "default.yaml",
-                                     {"executor": "local", "text_encoder.num_gpus": gpu, "vae.num_gpus": gpu,
-                                      "text_encoder.batch_size": 256, "vae.batch_size": 256})
         shards = str(work / "shards")
-        run_precompute(pre, normalize(args.base_init), normalize(args.curated), shards)
+        precompute_shards(normalize(args.base_init), normalize(args.curated), shards, device, batch_size=256)
         timings["precompute_s"] = clock.elapsed_s() - t
 
         common = {"launcher": "local", "device": device, "deepspeed.enabled": False,
@@ -178,7 +161,7 @@ def main() -> None:
                          "train.max_minutes": dmd_minutes, "train.checkpoint_every": 100000,
                          "objective.guidance.teachers.0.path": base,
                          **parse_overrides(args.dmd_set)}
-            student, _, _ = _train(ROOT / "configs" / "distill" / "recorded.yaml", overrides, runs)
+            student, _, _ = train_stage(ROOT / "configs" / "distill" / "recorded.yaml", overrides, runs)
             done["student"] = _export(student, work, out, "student")
         else:
             log.warning("DMD skipped: %.1f min left", clock.left_min())

@@ -26,16 +26,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _train(config_name: str, overrides: dict, runs_dir: Path) -> str:
+def train_stage(config: Path, overrides: dict, runs_dir: Path) -> tuple[str, dict, float]:
+    """One training run (any objective's config): its final URI, last metrics and wall seconds."""
     from fewstep.settings import Settings
     from trainer.runtime.config import load_train_config
     from trainer.runtime.launch import launch
 
-    config = load_train_config(ROOT / "configs" / "teacher" / config_name, overrides)
-    result = launch(config, Settings(runs_dir=runs_dir))
-    logging.info("%s: %s", config_name, json.dumps({k: v for k, v in result.metrics.items()
-                                                    if isinstance(v, (int, float))}))
-    return result.final_uri
+    started = time.monotonic()
+    result = launch(load_train_config(config, overrides), Settings(runs_dir=runs_dir))
+    seconds = time.monotonic() - started
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    logging.info("%s (%s): %.0f s, %s", config.name, overrides.get("run.name"), seconds, json.dumps(metrics))
+    return result.final_uri, metrics, seconds
+
+
+def _train(config_name: str, overrides: dict, runs_dir: Path) -> str:
+    return train_stage(ROOT / "configs" / "teacher" / config_name, overrides, runs_dir)[0]
+
+
+def precompute_shards(teacher: str, curated: str, shards: str, device: str, batch_size: int) -> None:
+    """The data engine's precompute on one box (local executor; the GPU when ``device`` is cuda)."""
+    from pipelines.precompute import load_precompute_config, run_precompute
+
+    gpu = 1 if device == "cuda" else 0
+    config = load_precompute_config(
+        ROOT / "configs" / "precompute" / "default.yaml",
+        {"executor": "local", "text_encoder.num_gpus": gpu, "vae.num_gpus": gpu,
+         "text_encoder.batch_size": batch_size, "vae.batch_size": batch_size})
+    run_precompute(config, teacher, curated, shards)
 
 
 def _vae_init(path: str | None) -> dict:
@@ -96,8 +114,6 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from fewstep.storage import normalize
-    from pipelines.precompute import load_precompute_config, run_precompute
-
     work = Path(args.work).resolve()
     runs = work / "runs"
     common = {"launcher": "local", "device": args.device, "deepspeed.enabled": False,
@@ -115,13 +131,8 @@ def main() -> None:
     timings["vae_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    gpu = 1 if args.device == "cuda" else 0
-    pre_cfg = load_precompute_config(
-        ROOT / "configs" / "precompute" / "default.yaml",
-        {"executor": "local", "text_encoder.num_gpus": gpu, "vae.num_gpus": gpu,
-         "text_encoder.batch_size": 128, "vae.batch_size": 128})
     shards = str(work / "shards")
-    run_precompute(pre_cfg, vae_final, normalize(args.curated), shards)
+    precompute_shards(vae_final, normalize(args.curated), shards, args.device, batch_size=128)
     timings["precompute_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
