@@ -66,6 +66,12 @@ class Recorder(torch.nn.Module):
         return self.inner(**kwargs)
 
 
+def _transformer(objective) -> torch.nn.Module:
+    """The transformer as the runtime builds it from the objective's model spec."""
+    (spec,) = objective.model_specs()
+    return spec.build()
+
+
 def test_path_target_and_loss(world, tmp_path):
     from fewstep.models.tokens import pack_latents
 
@@ -74,7 +80,8 @@ def test_path_target_and_loss(world, tmp_path):
     objective.setup(state)
     batch = objective.collate(_rows(world[1]), torch.device("cpu"))
     assert set(batch.tasks) == {"t2i", "edit"}
-    net = Recorder(objective.adapter.transformer)
+    transformer = _transformer(objective)
+    net = Recorder(transformer)
     loss, values = objective.loss(state, net, batch)
 
     # Replay the generator: t, eps, dropout draws in the objective's order.
@@ -105,7 +112,7 @@ def test_path_target_and_loss(world, tmp_path):
         expected = 0.0
         for idx, source in ((t2i, None), (edit, batch.source_latents[edit])):
             cond = PromptEmbeds(batch.prompt_embeds[idx], batch.prompt_mask[idx]).trimmed()
-            pred = objective.adapter.predict_velocity(objective.adapter.transformer, z[idx], t[idx], cond,
+            pred = objective.adapter.predict_velocity(transformer, z[idx], t[idx], cond,
                                                       source_latents=source)
             expected += torch.nn.functional.mse_loss(pred, target[idx]).item() * len(idx) / n
     assert loss.item() == pytest.approx(expected, rel=1e-5)
@@ -119,11 +126,12 @@ def test_zero_weighted_pass_when_another_rank_has_the_task(world, tmp_path):
     rows = _rows(world[1])
     t2i_only = {k: v[[i for i, t in enumerate(rows["task"]) if t == "t2i"]] for k, v in rows.items()}
     batch = objective.collate(t2i_only, torch.device("cpu"))
-    alone = Recorder(objective.adapter.transformer)
+    transformer = _transformer(objective)
+    alone = Recorder(transformer)
     loss_alone, _ = objective.loss(_state(), alone, batch)
     state = _state()
     state.any_across_ranks = lambda flags: [True, True]  # as if another rank had edit rows
-    synced = Recorder(objective.adapter.transformer)
+    synced = Recorder(transformer)
     loss_synced, values = objective.loss(state, synced, batch)
     assert len(alone.calls) == 1 and len(synced.calls) == 2
     assert synced.calls[1]["hidden_states"].shape[0] == 1  # one dummy row with its source tokens

@@ -85,6 +85,8 @@ from trainer.runtime.metrics import DEFAULT_PROGRESS_KEYS
 if TYPE_CHECKING:
     import torch
 
+    from fewstep.models.saved import SavedModel
+
 # name -> "module:Class". Imported lazily so an objective's heavy imports (or its absence
 # while it is being written) never break another objective.
 OBJECTIVES: dict[str, str] = {
@@ -134,12 +136,18 @@ class OptimizerConfig(StrictModel):
 
 @dataclass
 class ModelSpec:
-    """One model of a job. ``build`` runs in every worker and returns a CPU module in fp32."""
+    """One model of a job. ``build`` runs in every worker and returns a CPU module in fp32.
+
+    ``saved`` (optional) names the saved model that ``build`` loads. Under ZeRO-3 the runtime then
+    builds it partitioned from the start (skeleton under ``deepspeed.zero.Init``, tensors copied
+    in one at a time), so that no worker ever holds the whole model.
+    """
 
     name: str
     build: Callable[[], torch.nn.Module]
     trainable: bool = True
     optimizer: OptimizerConfig | None = None  # required when trainable
+    saved: SavedModel | None = None
 
     def __post_init__(self) -> None:
         if self.trainable and self.optimizer is None:

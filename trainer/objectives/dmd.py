@@ -31,6 +31,7 @@ from pydantic import Field, field_validator, model_validator
 from fewstep import storage
 from fewstep.bench.world import EDIT_CATEGORIES, T2I_CATEGORIES
 from fewstep.config import StrictModel
+from fewstep.models.saved import SavedModel
 from trainer.guidance import GuidanceConfig, LambdaTable
 from trainer.mixture import MixtureConfig, MixtureError, MixtureScheduler
 from trainer.objectives import dmd_math as M
@@ -110,10 +111,8 @@ def _gather_ready(tasks: list[str], world_size: int) -> list[set[str]]:
     return [set(g) for g in gathered]
 
 
-def _load_transformer(uri: str, storage) -> torch.nn.Module:
-    from fewstep.models.adapter import QwenImageAdapter
-
-    return QwenImageAdapter.load(uri, components=("transformer",), storage=storage).transformer.float()
+def _saved_transformer(uri: str, storage) -> SavedModel:
+    return SavedModel(uri, "transformer", storage)
 
 
 class DMDObjective(Objective):
@@ -135,14 +134,14 @@ class DMDObjective(Objective):
     def model_specs(self) -> list[ModelSpec]:
         cfg, storage = self.cfg, self.env.storage
         base = cfg.base_uri()
+        student, fake = _saved_transformer(base, storage), _saved_transformer(base, storage)
         specs = [
-            ModelSpec("student", lambda: _load_transformer(base, storage), True, cfg.student_optimizer),
-            ModelSpec("fake_score", lambda: _load_transformer(base, storage), True, cfg.fake_optimizer),
+            ModelSpec("student", student.load, True, cfg.student_optimizer, saved=student),
+            ModelSpec("fake_score", fake.load, True, cfg.fake_optimizer, saved=fake),
         ]
         for m in self.active:
-            teacher = cfg.guidance.teachers[m]
-            specs.append(ModelSpec(f"teacher_{teacher.name}",
-                                   (lambda uri=teacher.path: _load_transformer(uri, storage)), False))
+            teacher = _saved_transformer(cfg.guidance.teachers[m].path, storage)
+            specs.append(ModelSpec(f"teacher_{cfg.guidance.teachers[m].name}", teacher.load, False))
         return specs
 
     def setup(self, state: TrainState) -> None:

@@ -21,6 +21,7 @@ from pydantic import Field
 
 from fewstep.config import StrictModel
 from fewstep.models.adapter import QwenImageAdapter
+from fewstep.models.saved import SavedModel
 from fewstep.models.tokens import PromptEmbeds
 from pipelines.shards import ShardBatch, collate_shard_rows, load_empty_prompt
 from trainer.objectives.base import (
@@ -87,16 +88,19 @@ class FlowMatchingObjective(Objective):
         super().__init__(config, env)
         self.config: FlowMatchingConfig = config
         self.pipeline_uri = prepare_pipeline_dir(config.init, env.work_dir, env.storage)
-        self.adapter = QwenImageAdapter.load(self.pipeline_uri, components=("transformer",),
-                                             device="cpu", storage=env.storage)
+        # Configs only: the transformer is built by the runtime from `model_specs` (partitioned
+        # from the start under ZeRO-3).
+        self.adapter = QwenImageAdapter.load(self.pipeline_uri, components=(), device="cpu",
+                                             storage=env.storage)
+        self.saved = SavedModel(self.pipeline_uri, "transformer", env.storage)
         self.empty: PromptEmbeds | None = None
 
     def describe(self) -> str:
         return f"flow matching ({self.config.role})"
 
     def model_specs(self) -> list[ModelSpec]:
-        return [ModelSpec("transformer", build=lambda: self.adapter.transformer, trainable=True,
-                          optimizer=self.config.optimizer)]
+        return [ModelSpec("transformer", build=self.saved.load, trainable=True,
+                          optimizer=self.config.optimizer, saved=self.saved)]
 
     def setup(self, state: TrainState) -> None:
         if self.config.caption_dropout > 0:

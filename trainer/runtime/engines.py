@@ -35,8 +35,9 @@ def deepspeed_config(config: TrainConfig, spec: ModelSpec, n_params: int) -> dic
     """The DeepSpeed config of one engine (all engines share stage and precision).
 
     Bucket sizes scale with the model: DeepSpeed's defaults (5e8 elements per reduce bucket,
-    1e9 live parameters under ZeRO-3) allocate gigabytes and, below a billion parameters, keep
-    every gathered ZeRO-3 parameter alive, which would undo the partitioning. Keys under
+    1e9 live parameters and optimiser sub-groups of 1e9 under ZeRO-3) allocate gigabytes and,
+    below a billion parameters, keep every gathered ZeRO-3 parameter alive and step the whole
+    partition at once, which would undo the partitioning. Keys under
     ``deepspeed.config`` override these.
     """
     opt = spec.optimizer or OptimizerConfig()
@@ -47,11 +48,17 @@ def deepspeed_config(config: TrainConfig, spec: ModelSpec, n_params: int) -> dic
         zero.update({"overlap_comm": False, "contiguous_gradients": True,
                      "reduce_bucket_size": bucket, "allgather_bucket_size": bucket})
     if stage == 3:
-        live = int(min(1e9, max(1e6, n_params // 4)))
-        zero.update({"overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": bucket,
-                     "stage3_prefetch_bucket_size": int(min(5e7, max(1e6, n_params // 16))),
+        # Gathered parameters, prefetch and gradient buckets are transient full-size copies on
+        # top of this rank's partition: keep them a small share of the model.
+        live = int(min(1e9, max(1e6, n_params // 16)))
+        zero.update({"overlap_comm": False, "contiguous_gradients": True,
+                     "reduce_bucket_size": int(min(5e8, max(1e6, n_params // 32))),
+                     "stage3_prefetch_bucket_size": int(min(5e7, max(1e6, n_params // 32))),
                      "stage3_max_live_parameters": live, "stage3_max_reuse_distance": live,
-                     "stage3_param_persistence_threshold": int(min(1e5, max(1e3, n_params // 1000)))})
+                     "stage3_param_persistence_threshold": int(min(1e5, max(1e3, n_params // 1000))),
+                     # The optimiser steps one sub-group at a time: AdamW's temporaries are the size
+                     # of a sub-group, not of the whole partition.
+                     "sub_group_size": int(min(1e9, max(1e6, n_params // 16)))})
     if config.deepspeed.offload_optimizer:
         if stage == 0:
             raise ValueError("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
@@ -194,16 +201,23 @@ class DeepSpeedHandle(_Handle):
         self.name, self.trainable = spec.name, True
         self.opt_config = spec.optimizer or OptimizerConfig()
         self.stage = config.deepspeed.zero_stage
-        module = spec.build().train()
+        if self.stage == 3 and spec.saved is not None:
+            module, self.ds_config = _build_partitioned(spec, config)
+        else:
+            module = spec.build()
+            self.ds_config = deepspeed_config(config, spec, sum(p.numel() for p in module.parameters()
+                                                                  if p.requires_grad))
+        module.train()
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"model {spec.name!r}: trainable but has no parameter with requires_grad")
-        self.ds_config = deepspeed_config(config, spec, sum(p.numel() for p in params))
         optimizer, scheduler = _optimizer(params, self.opt_config, torch.device("cpu"))
         engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler,
             model_parameters=params, config=self.ds_config)
         self.engine = engine
+        if self.stage == 3:
+            _alias_fp32_master(engine.optimizer)
         self.module = engine.module
         self.net = engine
         self.device = device
@@ -252,6 +266,72 @@ class DeepSpeedHandle(_Handle):
                 yield self.module
         else:
             yield self.module
+
+
+def _build_partitioned(spec: ModelSpec, config: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Build ``spec.saved`` already partitioned across ranks (ZeRO-3) and copy its weights in.
+
+    The skeleton is constructed under ``deepspeed.zero.Init``, which partitions each parameter
+    as soon as its module is built; then each saved tensor is written through a gather that
+    only rank 0 modifies. At no point does a rank hold more than one full parameter, so a
+    worker's peak is its share of the model states rather than the whole model.
+    """
+    import deepspeed
+
+    saved = spec.saved
+    assert saved is not None
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    with saved.tensors() as reader:
+        ds_config = deepspeed_config(config, spec, reader.num_elements())
+        build = saved.skeleton_factory()
+        # No `dtype=`: the config's bf16 flag sets it. DeepSpeed 0.19 ignores an explicit dtype on
+        # accelerators without fp16 (the CPU) and silently builds bf16 parameters.
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            module = build()
+        params = dict(module.named_parameters())
+        buffers = dict(module.named_buffers())
+        names = reader.names()
+        missing = sorted(set(params) - set(names))
+        unexpected = sorted(set(names) - set(params) - set(buffers))
+        if missing or unexpected:
+            raise ValueError(f"model {spec.name!r}: {saved} does not match its config "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        for name in names:  # the same order on every rank: each gather is a collective
+            if name in buffers:
+                buffers[name].data.copy_(reader.get(name))
+                continue
+            param = params[name]
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if rank == 0:
+                    param.data.copy_(reader.get(name))
+    return module, ds_config
+
+
+def _alias_fp32_master(zero_optimizer: Any) -> int:
+    """Drop ZeRO-3's second copy of fp32 weights when the weights already are fp32.
+
+    DeepSpeed's stage-3 optimiser means to alias its fp32 "master" partitions to the parameter
+    partitions when their dtype and device match, but it compares ``tensor.device`` with a
+    device *name* (a string), which is never equal, so it keeps a full copy of this rank's
+    weights. Called before the first step (no optimiser state yet), this makes them the aliases
+    DeepSpeed intends; the step then copies each into itself. Returns the bytes freed.
+    """
+    low = getattr(zero_optimizer, "fp16_partitioned_groups_flat", None)
+    high = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None)
+    if not low or not high or getattr(zero_optimizer, "offload_optimizer", False):
+        return 0
+    if getattr(zero_optimizer, "optimizer", None) is None or zero_optimizer.optimizer.state:
+        return 0
+    freed = 0
+    for i, (params, master) in enumerate(zip(low, high)):
+        if (params is None or master is params or params.dtype != master.dtype
+                or params.device != master.device or params.numel() != master.numel()):
+            continue
+        params.ds_id = getattr(master, "ds_id", None)
+        params.requires_grad = True
+        high[i] = params
+        freed += master.numel() * master.element_size()
+    return freed
 
 
 def _grad_norm(params) -> float:

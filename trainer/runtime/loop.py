@@ -84,6 +84,25 @@ def _rss_mb() -> float:
         return float("nan")
 
 
+def _return_freed_memory(threshold_mb: float | None) -> bool:
+    """Fix glibc's mmap threshold (and so switch off its growth) for this process's allocations."""
+    if threshold_mb is None:
+        return False
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
+        size = int(threshold_mb * 2**20)
+        return bool(libc.mallopt(m_mmap_threshold, size)) and bool(libc.mallopt(m_trim_threshold, size))
+    except (OSError, AttributeError):  # not glibc (musl, macOS): leave the allocator alone
+        return False
+
+
 def _peak_mem_mb(device: torch.device) -> float:
     """Peak memory of this worker: GPU allocations on CUDA, else the process's peak RSS."""
     if device.type == "cuda":
@@ -170,6 +189,8 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
     objective_cls = resolve_objective(config.objective_name())
     env = ObjectiveEnv(rank=rank, world_size=world, device=device, storage=payload.storage,
                        run_uri=payload.run_uri, data_uri=config.data.uri, work_dir=work_dir)
+    if device.type == "cpu":
+        _return_freed_memory(train.cpu_mmap_threshold_mb)
     # Before the objective loads anything: the worker's own footprint (Python, torch, Ray).
     mem_before_models = _rss_mb() if device.type != "cuda" else torch.cuda.memory_allocated(device) / 2**20
     objective = objective_cls(config.objective_config(), env)
