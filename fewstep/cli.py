@@ -19,6 +19,7 @@ app = typer.Typer(
         "  fewstep train-teacher    flow-matching training (Ray Train + DeepSpeed)\n\n"
         "  fewstep distill          DMD distillation of a 4-step student\n\n"
         "  fewstep eval             sample and judge models on the mini benches\n\n"
+        "  fewstep eval-compare     two evaluated models case by case (wins, sign test)\n\n"
         "  fewstep demo             all of the above, end to end, on this machine\n\n"
         "Every stage takes --config configs/<stage>/<name>.yaml; see configs/ for examples. "
         "Storage arguments are URIs (local path, file://, s3://). Environment settings use the "

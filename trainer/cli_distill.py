@@ -87,7 +87,54 @@ def evaluate(
 
     for bench in cfg.benches:
         typer.echo(f"\n{bench}\n" + bench_table(bench, report["models"]))
+    if report.get("paired"):
+        from trainer.evaluate.compare import PairedResult, paired_table
+
+        typer.echo("\npaired by case (students vs teachers)\n"
+                   + paired_table([PairedResult(**{k: v for k, v in r.items() if k != "clearly_better"})
+                                   for r in report["paired"]]))
     typer.echo(f"report: {report['output']}/report.md")
+
+
+def eval_compare(
+    a: str = typer.Argument(..., help="Model A as EVAL_DIR:MODEL (an eval output folder and a model name in it)."),
+    b: str = typer.Argument(..., help="Model B as EVAL_DIR:MODEL."),
+    alpha: float = typer.Option(0.05, "--alpha", help="A is 'clearly better' when the sign test p is below this."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Compare two evaluated models case by case: wins, losses, ties, mean difference, sign test.
+
+    The two evals must have scored the same cases (same benches and cases_per_category). Exit code 0 either way; read 'A clearly better'.
+
+    Example: fewstep eval-compare runs/eval-students:student-4 runs/eval-recorded2:teacher-4
+    """
+    from fewstep.settings import get_settings
+    from trainer.evaluate.compare import compare_scores, paired_table, read_case_scores
+
+    options = get_settings().storage_options()
+    parsed = []
+    for label, value in (("A", a), ("B", b)):
+        folder, sep, model = value.rpartition(":")
+        if not sep or not folder or not model:
+            _fail(f"{label}: expected EVAL_DIR:MODEL, got {value!r}")
+        try:
+            parsed.append((model, read_case_scores(folder, model, options)))
+        except FileNotFoundError as exc:
+            _fail(str(exc))
+    (name_a, scores_a), (name_b, scores_b) = parsed
+    if name_a == name_b:
+        name_a, name_b = f"{name_a} (A)", f"{name_b} (B)"
+    benches = [bench for bench in scores_a if bench in scores_b]
+    if not benches:
+        _fail(f"no bench in common: A has {sorted(scores_a)}, B has {sorted(scores_b)}")
+    try:
+        results = [compare_scores(bench, name_a, name_b, scores_a[bench], scores_b[bench]) for bench in benches]
+    except ValueError as exc:
+        _fail(str(exc))
+    if json_out:
+        typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        typer.echo(paired_table(results, alpha))
 
 
 def demo(
@@ -124,4 +171,5 @@ def register(app: typer.Typer) -> None:
     """Add this module's commands to the main app."""
     app.command("distill")(distill)
     app.command("eval")(evaluate)
+    app.command("eval-compare")(eval_compare)
     app.command("demo")(demo)

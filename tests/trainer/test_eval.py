@@ -78,4 +78,14 @@ def test_eval_writes_cases_tables_grids_with_nfe_counts(models, ray_cluster):
         for category in categories:
             assert (out / "grids" / bench / f"{category}.png").stat().st_size > 0
     assert "| teacher | teacher | 3 |" in (out / "report.md").read_text()
-    assert json.loads(Path(out / "report.json").read_text())["models"]["student"]["role"] == "student"
+    saved = json.loads(Path(out / "report.json").read_text())
+    assert saved["models"]["student"]["role"] == "student"
+    # The student against the teacher, case by case, on each bench.
+    paired = {r["bench"]: r for r in saved["paired"]}
+    assert set(paired) == {"t2i-bench-mini", "editing-bench-mini"}
+    edit = paired["editing-bench-mini"]
+    assert (edit["a"], edit["b"]) == ("student", "teacher")
+    assert edit["wins"] + edit["losses"] + edit["ties"] == edit["cases"] == len(EDIT_CATEGORIES)
+    assert edit["mean_diff"] == pytest.approx(student_m["benches"]["editing-bench-mini"]["score"]
+                                              - teacher_m["benches"]["editing-bench-mini"]["score"])
+    assert "## Paired by case" in (out / "report.md").read_text()

@@ -2,7 +2,8 @@
 
 Layout under the output URI (local or s3://)::
 
-    report.json                     every number below, per model and bench
+    report.json                     every number below, per model and bench, and ``paired``:
+                                    each student vs each teacher case by case (compare.py)
     report.md                       the tables, readable
     tables/<bench>.md, .csv         models x categories (mean score), NFE, calls and s per image
     cases/<model>/<bench>.jsonl     one JSON per case: prompt, seed, score, verdict, timings
@@ -22,6 +23,7 @@ from PIL import Image
 
 from fewstep import storage
 from fewstep.storage import StorageOptions
+from trainer.evaluate.compare import paired_table, paired_within
 from trainer.evaluate.config import EvalConfig
 
 
@@ -132,8 +134,12 @@ def write_report(config: EvalConfig, models: list[dict[str, Any]], rows: list[di
             storage.write_bytes_atomic(storage.join(output, "tables", f"{bench}.{fmt}"),
                                        bench_table(bench, summary, fmt).encode(), options)
         markdown += [f"## {bench}", "", bench_table(bench, summary), ""]
+    paired = paired_within(summary, rows)
+    if paired:
+        markdown += ["## Paired by case: students vs teachers", "", paired_table(paired), ""]
     report = {"output": output, "judge": config.judge, "models": summary, "grids": grids,
-              "wall_seconds": wall_s, "config": config.model_dump(mode="json")}
+              "paired": [r.as_dict() for r in paired], "wall_seconds": wall_s,
+              "config": config.model_dump(mode="json")}
     storage.write_bytes_atomic(storage.join(output, "report.md"), "\n".join(markdown).encode(), options)
     storage.write_json_atomic(storage.join(output, "report.json"), report, options)
     return report

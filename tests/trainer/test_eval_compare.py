@@ -1,0 +1,68 @@
+"""Paired, case-by-case comparison of evaluated models (``fewstep eval-compare``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from trainer.evaluate.compare import compare_scores, sign_test
+
+
+def test_sign_test_matches_the_binomial_tail():
+    # 8 wins, 6 losses: P[X >= 8], X ~ Bin(14, 1/2)
+    expected = sum(math.comb(14, k) for k in range(8, 15)) / 2**14
+    p_better, p_two = sign_test(8, 6)
+    assert p_better == pytest.approx(expected) and p_better == pytest.approx(0.3953, abs=1e-4)
+    assert p_two == pytest.approx(2 * expected)  # the smaller tail, doubled
+    assert sign_test(10, 0)[0] == pytest.approx(1 / 1024)  # ten straight wins
+    assert sign_test(0, 0) == (1.0, 1.0)  # all ties: no evidence either way
+
+
+def test_compare_counts_wins_on_shared_cases_only():
+    a = {"c1": 3, "c2": 2, "c3": 2, "c4": 5, "only-a": 5}
+    b = {"c1": 2, "c2": 2, "c3": 4, "c4": 1, "only-b": 1}
+    result = compare_scores("t2i-bench-mini", "student", "teacher", a, b)
+    assert (result.cases, result.wins, result.losses, result.ties) == (4, 2, 1, 1)
+    assert result.mean_diff == pytest.approx((1 + 0 - 2 + 4) / 4)
+    assert result.ci_low <= result.mean_diff <= result.ci_high
+    assert not result.clearly_better()  # 2 wins against 1 is no evidence
+
+
+def test_many_wins_and_few_losses_are_clearly_better():
+    a = {f"c{i}": 3.0 for i in range(40)}
+    b = {f"c{i}": (2.0 if i < 14 else 4.0 if i < 16 else 3.0) for i in range(40)}  # 14 wins, 2 losses
+    result = compare_scores("editing-bench-mini", "a", "b", a, b)
+    assert (result.wins, result.losses, result.ties) == (14, 2, 24)
+    assert result.clearly_better() and result.p_better < 0.01
+    with pytest.raises(ValueError, match="share no scored case"):
+        compare_scores("t2i-bench-mini", "a", "b", {"x": 1.0}, {"y": 1.0})
+
+
+def _write_eval(root: Path, model: str, scores: dict[str, float], bench: str = "t2i-bench-mini") -> None:
+    folder = root / "cases" / model
+    folder.mkdir(parents=True)
+    lines = [json.dumps({"bench": bench, "case_id": case, "score": score}) for case, score in scores.items()]
+    (folder / f"{bench}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_cli_compares_models_of_two_eval_folders(tmp_path):
+    from fewstep.cli import app
+
+    _write_eval(tmp_path / "eval-a", "student-4", {f"c{i}": 3.0 + (i < 12) for i in range(30)})
+    _write_eval(tmp_path / "eval-b", "teacher-4", {f"c{i}": 3.0 + (i == 29) for i in range(30)})
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval-compare", f"{tmp_path / 'eval-a'}:student-4",
+                                 f"{tmp_path / 'eval-b'}:teacher-4", "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    assert (row["a"], row["b"], row["wins"], row["losses"], row["ties"]) == ("student-4", "teacher-4", 12, 1, 17)
+    assert row["clearly_better"] is True
+
+    missing = runner.invoke(app, ["eval-compare", f"{tmp_path / 'eval-a'}:nobody", f"{tmp_path / 'eval-b'}:teacher-4"])
+    assert missing.exit_code == 2 and "no case files" in missing.output
+    malformed = runner.invoke(app, ["eval-compare", "no-colon", f"{tmp_path / 'eval-b'}:teacher-4"])
+    assert malformed.exit_code == 2 and "EVAL_DIR:MODEL" in malformed.output

@@ -1,0 +1,122 @@
+"""Paired comparison of two models on the same bench cases: does A beat B case by case?
+
+Bench means hide how often one model is better than the other; the judges' scores are small
+integers, so most cases tie. This counts wins, losses and ties over the cases both models were
+scored on, gives the mean paired difference with a seeded bootstrap interval, and an exact sign
+test (ties dropped): ``p_better`` is the one-sided probability of at least that many wins if A
+and B were equally good. A "clear" win needs ``p_better < alpha`` (0.05 by default).
+
+Inside one eval the report compares every student with every teacher (``report.json`` under
+``paired``). Across evals: ``fewstep eval-compare A_DIR:MODEL B_DIR:MODEL``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from fewstep import storage
+from fewstep.storage import StorageOptions
+
+ALPHA = 0.05
+
+
+@dataclass
+class PairedResult:
+    bench: str
+    a: str
+    b: str
+    cases: int
+    wins: int  # A scored higher
+    losses: int
+    ties: int
+    mean_a: float
+    mean_b: float
+    mean_diff: float  # A - B
+    ci_low: float  # 95% bootstrap interval of the mean difference
+    ci_high: float
+    p_better: float  # one-sided exact sign test: A better than B
+    p_two_sided: float
+
+    def clearly_better(self, alpha: float = ALPHA) -> bool:
+        return self.p_better < alpha
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "clearly_better": self.clearly_better()}
+
+
+def sign_test(wins: int, losses: int) -> tuple[float, float]:
+    """(one-sided P[X >= wins], two-sided p) for X ~ Binomial(wins + losses, 1/2)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0, 1.0
+    upper = sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+    lower = sum(math.comb(n, k) for k in range(0, wins + 1)) / 2**n
+    return float(upper), float(min(1.0, 2 * min(upper, lower)))
+
+
+def compare_scores(bench: str, a: str, b: str, scores_a: dict[str, float], scores_b: dict[str, float],
+                   *, resamples: int = 2000, seed: int = 0) -> PairedResult:
+    """Compare two ``case_id -> score`` maps on the cases they share."""
+    shared = sorted(set(scores_a) & set(scores_b))
+    if not shared:
+        raise ValueError(f"{bench}: {a!r} and {b!r} share no scored case (were they run on the same bench?)")
+    xa = np.array([scores_a[c] for c in shared], dtype=float)
+    xb = np.array([scores_b[c] for c in shared], dtype=float)
+    diff = xa - xb
+    wins, losses = int((diff > 0).sum()), int((diff < 0).sum())
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    p_better, p_two = sign_test(wins, losses)
+    return PairedResult(bench=bench, a=a, b=b, cases=len(shared), wins=wins, losses=losses,
+                        ties=len(shared) - wins - losses, mean_a=float(xa.mean()), mean_b=float(xb.mean()),
+                        mean_diff=float(diff.mean()), ci_low=float(np.quantile(means, 0.025)),
+                        ci_high=float(np.quantile(means, 0.975)), p_better=p_better, p_two_sided=p_two)
+
+
+def scores_by_case(rows: list[dict[str, Any]], model: str, bench: str) -> dict[str, float]:
+    return {r["case_id"]: float(r["score"]) for r in rows if r["model"] == model and r["bench"] == bench}
+
+
+def paired_within(summary: dict[str, Any], rows: list[dict[str, Any]]) -> list[PairedResult]:
+    """Every student against every teacher of one eval, per bench both were run on."""
+    students = [n for n, s in summary.items() if s["role"] == "student"]
+    teachers = [n for n, s in summary.items() if s["role"] == "teacher"]
+    results = []
+    for student in students:
+        for teacher in teachers:
+            for bench in summary[student]["benches"]:
+                if bench in summary[teacher]["benches"]:
+                    results.append(compare_scores(bench, student, teacher, scores_by_case(rows, student, bench),
+                                                  scores_by_case(rows, teacher, bench)))
+    return results
+
+
+def read_case_scores(eval_dir: str, model: str, options: StorageOptions | None = None) -> dict[str, dict[str, float]]:
+    """``bench -> case_id -> score`` from an eval output's ``cases/<model>/<bench>.jsonl``."""
+    folder = storage.join(storage.normalize(eval_dir), "cases", model)
+    files = storage.list_files(folder, ".jsonl", options)
+    if not files:
+        raise FileNotFoundError(f"{folder}: no case files (is {model!r} a model of that eval?)")
+    out: dict[str, dict[str, float]] = {}
+    for uri in files:
+        for line in storage.read_bytes(uri, options).decode().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                out.setdefault(record["bench"], {})[record["case_id"]] = float(record["score"])
+    return out
+
+
+def paired_table(results: list[PairedResult], alpha: float = ALPHA) -> str:
+    head = ["bench", "A", "B", "cases", "A wins", "B wins", "ties", "mean A - B (95% CI)", "sign test p (A better)",
+            f"A clearly better (p < {alpha:g})"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        lines.append(f"| {r.bench} | {r.a} | {r.b} | {r.cases} | {r.wins} | {r.losses} | {r.ties} | "
+                     f"{r.mean_diff:+.3f} ({r.ci_low:+.3f}, {r.ci_high:+.3f}) | {r.p_better:.3g} | "
+                     f"{'yes' if r.clearly_better(alpha) else 'no'} |")
+    return "\n".join(lines) + "\n"
