@@ -57,21 +57,32 @@ def apply_decisions(table: pa.Table, decisions_ref: list, rows_per_part: int) ->
     """Kept rows selected by the rebalancer -> output rows (repeats expanded); all others dropped.
 
     ``decisions``: order -> (copies, first_position) for the rows written. Rejected rows are not
-    needed here: the driver writes rejects from the narrow projection it already holds.
+    needed here: the driver writes rejects from the narrow projection it already holds. Columnar
+    (one ``take`` of the block): the rows carry image bytes, and per-row dicts cost more than the
+    rest of the write.
     """
+    import numpy as np
+    import pyarrow.compute as pc
+
     decisions = _decisions(decisions_ref[0])
-    out = []
-    for row in to_rows(table):
-        chosen = decisions.get(row["order"]) if is_kept(row) else None
-        if chosen is None:
-            continue
-        copies, first = chosen
-        for k in range(copies):
-            copy = dict(row)
-            copy["origin_id"] = row["id"]
-            if k:
-                copy["id"] = f"{row['id']}#rep{k}"
-            copy["position"] = first + k
-            copy["part"] = (first + k) // rows_per_part
-            out.append(copy)
-    return pa.Table.from_pylist(out, schema=OUT_SCHEMA) if out else OUT_SCHEMA.empty_table()
+    orders = table.column("order").to_numpy(zero_copy_only=False)
+    kept = pc.is_null(table.column("reason")).to_numpy(zero_copy_only=False)
+    copies = np.zeros(len(orders), dtype=np.int64)
+    first = np.zeros(len(orders), dtype=np.int64)
+    for i, (order, is_row_kept) in enumerate(zip(orders.tolist(), kept.tolist())):
+        chosen = decisions.get(order) if is_row_kept else None
+        if chosen is not None:
+            copies[i], first[i] = chosen
+    if not copies.any():
+        return OUT_SCHEMA.empty_table()
+    index = np.repeat(np.arange(len(orders)), copies)
+    repeat = np.arange(len(index)) - np.repeat(np.cumsum(copies) - copies, copies)  # 0, 1, .. per row
+    position = first[index] + repeat
+    out = table.take(pa.array(index))
+    ids = out.column("id").to_pylist()
+    new_ids = [row_id if k == 0 else f"{row_id}#rep{k}" for row_id, k in zip(ids, repeat.tolist())]
+    out = out.set_column(out.schema.get_field_index("id"), "id", pa.array(new_ids, pa.string()))
+    out = out.append_column("origin_id", pa.array(ids, pa.string()))
+    out = out.append_column("position", pa.array(position, pa.int64()))
+    out = out.append_column("part", pa.array(position // rows_per_part, pa.int64()))
+    return out.select(OUT_SCHEMA.names).cast(OUT_SCHEMA)

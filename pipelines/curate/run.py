@@ -142,9 +142,11 @@ def _run(cfg: CurateConfig, inputs: list[str], output: str, options: StorageOpti
 
         write.clear_outputs(out, options)
         ref = ray.put(plan)
+        # Part-sized batches: a few large blocks, so the shuffle below runs a few map tasks, not
+        # one per model batch (task overhead dominated this phase on 2 cores).
         selected = stage_a.map_batches(apply_decisions, fn_kwargs={"decisions_ref": [ref],
                                                                    "rows_per_part": cfg.ray.rows_per_part},
-                                       batch_format="pyarrow", batch_size=cfg.ray.batch_size, num_cpus=0.25)
+                                       batch_format="pyarrow", batch_size=cfg.ray.rows_per_part, num_cpus=0.25)
         if position:
             parts = (position + cfg.ray.rows_per_part - 1) // cfg.ray.rows_per_part
             # The task-based sort shuffle: the default hash shuffle starts aggregator actors, which

@@ -61,6 +61,10 @@ class PrecomputeConfig(StrictModel):
     executor: Literal["ray", "local"] = Field(
         "ray", description="ray: Ray Data actor pools; local: the same operators in this process, "
         "one shard at a time (a single GPU box without Ray, debugging). Same output bytes.")
+    fuse_encoders: bool = Field(
+        False, description="Run the VAE inside the text encoder's actors (one pool; text_encoder's "
+        "pool_size, num_cpus, num_gpus and torch_threads apply, vae's batch_size only). Faster on "
+        "small CPU machines; separate pools let each encoder have its own GPUs.")
     text_encoder: PoolConfig = Field(default_factory=PoolConfig)
     vae: PoolConfig = Field(default_factory=PoolConfig)
     io: IoConfig = Field(default_factory=IoConfig)
@@ -75,6 +79,7 @@ class PrecomputeConfig(StrictModel):
         for pool in ("text_encoder", "vae"):
             data[pool] = {"batch_size": data[pool]["batch_size"]}
         data.pop("io")
+        data.pop("fuse_encoders")
         data.pop("cpu_limit")
         data.pop("executor")
         return data
@@ -83,8 +88,8 @@ class PrecomputeConfig(StrictModel):
         return config_hash(self.identity())
 
     def total_actor_cpus(self) -> float:
-        return (self.text_encoder.pool_size * self.text_encoder.num_cpus
-                + self.vae.pool_size * self.vae.num_cpus)
+        text = self.text_encoder.pool_size * self.text_encoder.num_cpus
+        return text if self.fuse_encoders else text + self.vae.pool_size * self.vae.num_cpus
 
 
 def load_precompute_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PrecomputeConfig:

@@ -180,7 +180,8 @@ def _check_resources(cfg: PrecomputeConfig) -> None:
             f"the actor pools need {cfg.total_actor_cpus():g} CPUs plus {cfg.io.num_cpus:g} for a "
             f"read/write task, but the run may use {cpus:g} (cluster CPUs or cpu_limit): lower "
             "text_encoder/vae pool_size or num_cpus (fractions such as 0.5 are fine)")
-    for name, pool in (("text_encoder", cfg.text_encoder), ("vae", cfg.vae)):
+    pools = [("text_encoder", cfg.text_encoder)] + ([] if cfg.fuse_encoders else [("vae", cfg.vae)])
+    for name, pool in pools:
         if pool.num_gpus * pool.pool_size > gpus:
             raise PrecomputeError(f"{name}: pool_size x num_gpus = {pool.num_gpus * pool.pool_size:g} "
                                   f"GPUs, the cluster has {gpus:g}; set {name}.num_gpus: 0 on CPU")
@@ -209,25 +210,19 @@ def _execute(cfg: PrecomputeConfig, todo: list[ShardPlan], teacher: str, input: 
                             num_cpus=cfg.io.num_cpus,
                             fn_kwargs={"input_uri": input, "options": options,
                                        "negative_prompt": cfg.negative_prompt})
-        ds = ds.map_batches(
-            encode.TextEncodeActor, batch_size=None, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=cfg.text_encoder.pool_size),
-            num_cpus=cfg.text_encoder.num_cpus, num_gpus=cfg.text_encoder.num_gpus or None,
-            fn_constructor_args=_actor_args(cfg, cfg.text_encoder, teacher, options),
-            fn_constructor_kwargs={"batch_size": cfg.text_encoder.batch_size,
-                                   "negative_prompt": cfg.negative_prompt,
-                                   "condition_resolution": cfg.condition_resolution})
-        if has_images:
+        if cfg.fuse_encoders:
             ds = ds.map_batches(
-                encode.VaeEncodeActor, batch_size=None, batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=cfg.vae.pool_size),
-                num_cpus=cfg.vae.num_cpus, num_gpus=cfg.vae.num_gpus or None,
-                fn_constructor_args=_actor_args(cfg, cfg.vae, teacher, options),
-                fn_constructor_kwargs={"batch_size": cfg.vae.batch_size, "resolution": cfg.resolution})
+                encode.TeacherEncodeActor, batch_size=None, batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=cfg.text_encoder.pool_size),
+                num_cpus=cfg.text_encoder.num_cpus, num_gpus=cfg.text_encoder.num_gpus or None,
+                fn_constructor_args=_actor_args(cfg, cfg.text_encoder, teacher, options),
+                fn_constructor_kwargs={"text_batch_size": cfg.text_encoder.batch_size,
+                                       "vae_batch_size": cfg.vae.batch_size,
+                                       "negative_prompt": cfg.negative_prompt,
+                                       "condition_resolution": cfg.condition_resolution,
+                                       "resolution": cfg.resolution, "has_images": has_images})
         else:
-            log.info("the input holds no images: VAE stage skipped (prompt-only shards)")
-            ds = ds.map_batches(encode.drop_images, batch_size=None, batch_format="pyarrow",
-                                num_cpus=cfg.io.num_cpus)
+            ds = _separate_pools(ds, cfg, teacher, options, has_images)
         ds = ds.map_batches(write.write_shard, batch_size=None, batch_format="pyarrow",
                             num_cpus=cfg.io.num_cpus,
                             fn_kwargs={"output": output, "options": options, "input_uri": input,
@@ -244,6 +239,33 @@ def _execute(cfg: PrecomputeConfig, todo: list[ShardPlan], teacher: str, input: 
             bar.update(1)
             bar.set_postfix(rows=sum(s["rows"] for s in new.values()))
     return new, ds.stats()
+
+
+
+def _separate_pools(ds, cfg: PrecomputeConfig, teacher: str, options: StorageOptions | None, has_images: bool):
+    """The text encoder pool, then the VAE pool (or ``drop_images`` for prompt-only input)."""
+    import ray.data
+
+    ds = ds.map_batches(
+        encode.TextEncodeActor, batch_size=None, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cfg.text_encoder.pool_size),
+        num_cpus=cfg.text_encoder.num_cpus, num_gpus=cfg.text_encoder.num_gpus or None,
+        fn_constructor_args=_actor_args(cfg, cfg.text_encoder, teacher, options),
+        fn_constructor_kwargs={"batch_size": cfg.text_encoder.batch_size,
+                               "negative_prompt": cfg.negative_prompt,
+                               "condition_resolution": cfg.condition_resolution})
+    if has_images:
+        ds = ds.map_batches(
+            encode.VaeEncodeActor, batch_size=None, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=cfg.vae.pool_size),
+            num_cpus=cfg.vae.num_cpus, num_gpus=cfg.vae.num_gpus or None,
+            fn_constructor_args=_actor_args(cfg, cfg.vae, teacher, options),
+            fn_constructor_kwargs={"batch_size": cfg.vae.batch_size, "resolution": cfg.resolution})
+    else:
+        log.info("the input holds no images: VAE stage skipped (prompt-only shards)")
+        ds = ds.map_batches(encode.drop_images, batch_size=None, batch_format="pyarrow",
+                            num_cpus=cfg.io.num_cpus)
+    return ds
 
 
 def _actor_args(cfg: PrecomputeConfig, pool, teacher: str, options: StorageOptions | None) -> tuple:

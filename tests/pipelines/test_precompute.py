@@ -286,3 +286,15 @@ def test_pools_that_would_starve_reads_are_refused(ray_cluster, teacher, curated
     with pytest.raises(PrecomputeError, match="lower text_encoder/vae pool_size or num_cpus"):
         run_precompute(greedy, teacher, curated, str(tmp_path / "out"), show_progress=False)
     assert not (tmp_path / "out" / "shards").exists()
+
+
+def test_fused_encoders_write_the_same_shards(clean_run, teacher, curated, tmp_path):
+    """One pool running both encoders (the small-machine layout) is a resource choice only: the
+    same manifest, and the same bytes in every shard, as two pipelined pools."""
+    out, manifest = clean_run
+    fused_out = str(tmp_path / "fused")
+    fused = run_precompute({**CONFIG, "fuse_encoders": True}, teacher, curated, fused_out, show_progress=False)
+    assert fused["config"]["fuse_encoders"] is True
+    fused["config"]["fuse_encoders"] = False
+    assert _location_free(fused) == _location_free(manifest)
+    assert _shard_files(fused_out) == _shard_files(out)

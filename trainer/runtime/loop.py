@@ -84,6 +84,13 @@ def _rss_mb() -> float:
         return float("nan")
 
 
+def _mmap_threshold_mb(config: TrainConfig) -> float | None:
+    value = config.train.cpu_mmap_threshold_mb
+    if value == "auto":
+        return 1.0 if config.deepspeed.enabled and config.deepspeed.zero_stage == 3 else None
+    return value
+
+
 def _return_freed_memory(threshold_mb: float | None) -> bool:
     """Fix glibc's mmap threshold (and so switch off its growth) for this process's allocations."""
     if threshold_mb is None:
@@ -190,7 +197,7 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
     env = ObjectiveEnv(rank=rank, world_size=world, device=device, storage=payload.storage,
                        run_uri=payload.run_uri, data_uri=config.data.uri, work_dir=work_dir)
     if device.type == "cpu":
-        _return_freed_memory(train.cpu_mmap_threshold_mb)
+        _return_freed_memory(_mmap_threshold_mb(config))
     # Before the objective loads anything: the worker's own footprint (Python, torch, Ray).
     mem_before_models = _rss_mb() if device.type != "cuda" else torch.cuda.memory_allocated(device) / 2**20
     objective = objective_cls(config.objective_config(), env)
