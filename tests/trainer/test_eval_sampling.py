@@ -62,3 +62,30 @@ def test_border_mode_share_flags_one_background_for_every_prompt():
     assert varied["border_mode_share"] == pytest.approx(1 / 6)
     drifted = image_stats([framed(palette[0])] * 5 + [framed(palette[1])])
     assert drifted["border_mode_share"] == pytest.approx(5 / 6)
+
+
+def test_validation_watches_t2i_and_edit_benches(tmp_path):
+    """A DMD run can validate on both mini benches: one score per task and per category (edit
+    categories prefixed, as both tasks have a "text" category), and a grid of every image."""
+    from types import SimpleNamespace
+
+    from fewstep.bench.world import EDIT_CATEGORIES, T2I_CATEGORIES
+    from fewstep.models.adapter import QwenImageAdapter
+    from tests.trainer.dmd_world import tiny_teacher
+    from trainer.objectives.dmd_validation import ValidationConfig, Validator
+
+    teacher = tiny_teacher(tmp_path)
+    cfg = ValidationConfig(every=1, benches=["t2i-bench-mini", "editing-bench-mini"], cases_per_category=1,
+                           resolution=32)
+    env = SimpleNamespace(rank=0, world_size=1, storage=None, run_uri=str(tmp_path / "run"))
+    validator = Validator(cfg, None, teacher, env, num_steps=2, shift=3.0)
+    assert len(validator.cases) == len(T2I_CATEGORIES) + len(EDIT_CATEGORIES)
+    student = QwenImageAdapter.load(teacher, components=("transformer",)).transformer
+    out = validator.run(SimpleNamespace(rank=0), SimpleNamespace(net=student), step=5)
+    assert {"val_score", "val_score_t2i", "val_score_edit", "val_pixel_std", "val_diversity"} <= set(out)
+    assert {f"val_score_{c}" for c in T2I_CATEGORIES} <= set(out)
+    assert {f"val_score_edit_{c}" for c in EDIT_CATEGORIES} <= set(out)
+    n_t2i, n_edit = len(T2I_CATEGORIES), len(EDIT_CATEGORIES)
+    assert out["val_score"] == pytest.approx((out["val_score_t2i"] * n_t2i + out["val_score_edit"] * n_edit)
+                                             / (n_t2i + n_edit))
+    assert (tmp_path / "run" / "validation" / "step-000005.png").stat().st_size > 0

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 class ValidationConfig(StrictModel):
     every: int = Field(0, ge=0, description="Validate every N steps (and at steps 0 and the last); "
                        "0 disables.")
-    bench: str = Field("t2i-bench-mini", description="Bench the validation cases come from.")
+    benches: list[str] = Field(["t2i-bench-mini"], min_length=1, description="Benches the validation cases "
+                               "come from (add editing-bench-mini to watch the edit task too).")
     cases_per_category: int = Field(2, ge=1, description="First N cases of each category.")
     judge: str = Field("offline", description="Bench judge name (see fewstep.bench.judges).")
     resolution: int | None = Field(None, ge=8, description="Sampling size (default: the teacher's).")
@@ -59,18 +60,22 @@ class Validator:
 
         self.cfg, self.env = cfg, env
         self.num_steps, self.shift = num_steps, shift
-        self.cases = pick_cases(cfg.bench, cfg.cases_per_category, env.rank, env.world_size)
         # Encoders are needed once: prompts are encoded now, the text encoder is then freed.
         encoders = QwenImageAdapter.load(base_uri, components=("text_encoder", "vae"), storage=env.storage)
         resolution = cfg.resolution or encoders.resolution
         if resolution is None:
             raise ValueError("objective.validation.resolution: required (the teacher records no resolution)")
-        self.inputs = prepare_cases(encoders, self.cases, resolution)
+        # One group per bench (a sampling call holds one task); each rank the same count per bench.
+        self.groups = []
+        for bench in dict.fromkeys(cfg.benches):
+            cases = pick_cases(bench, cfg.cases_per_category, env.rank, env.world_size)
+            self.groups.append((cases, prepare_cases(encoders, cases, resolution)))
+        self.cases = [case for cases, _ in self.groups for case in cases]
         encoders.text_encoder = None
         self.adapter = encoders
         self.judge = load_judge(cfg.judge)
-        log.info("validation: %d %s cases on rank %d every %d steps", len(self.cases), cfg.bench,
-                 env.rank, cfg.every)
+        log.info("validation: %d cases of %s on rank %d every %d steps", len(self.cases),
+                 ", ".join(cfg.benches), env.rank, cfg.every)
 
     def due(self, step: int, max_steps: int) -> bool:
         return step % self.cfg.every == 0 or step == max_steps
@@ -79,18 +84,26 @@ class Validator:
         from trainer.evaluate.judging import judge_case
         from trainer.evaluate.sampling import image_stats, make_grid, sample_cases
 
-        result = sample_cases(self.adapter, handle.net, self.inputs.select(slice(None)),
-                              num_steps=self.num_steps, guidance_scale=1.0, shift=self.shift,
-                              batch_size=len(self.inputs))
-        scores: dict[str, list[float]] = {}
-        for index, (case, image) in enumerate(zip(self.cases, result.images)):
-            source = self.inputs.sources[index] if self.inputs.sources else None
-            scores.setdefault(case.category, []).append(judge_case(self.judge, case, image, source)["score"])
+        images, scores, by_task = [], {}, {}
+        for cases, inputs in self.groups:
+            result = sample_cases(self.adapter, handle.net, inputs.select(slice(None)),
+                                  num_steps=self.num_steps, guidance_scale=1.0, shift=self.shift,
+                                  batch_size=len(inputs))
+            for index, (case, image) in enumerate(zip(cases, result.images)):
+                source = inputs.sources[index] if inputs.sources else None
+                score = judge_case(self.judge, case, image, source)["score"]
+                # T2I keys stay val_score_<category>; edit categories (one is also "text") get a prefix.
+                key = case.category if case.task == "t2i" else f"{case.task}_{case.category}"
+                scores.setdefault(key, []).append(score)
+                by_task.setdefault(case.task, []).append(score)
+            images.extend(result.images)
         out = {"val_score": float(np.mean([s for v in scores.values() for s in v]))}
+        if len(by_task) > 1:
+            out.update({f"val_score_{task}": float(np.mean(v)) for task, v in by_task.items()})
         out.update({f"val_score_{c}": float(np.mean(v)) for c, v in scores.items()})
-        out.update({f"val_{k}": v for k, v in image_stats(result.images).items()})
+        out.update({f"val_{k}": v for k, v in image_stats(images).items()})
         if state.rank == 0 and self.cfg.save_grids:
-            grid = make_grid(result.images, [c.category[:4] for c in self.cases], columns=8)
+            grid = make_grid(images, [c.category[:4] for c in self.cases], columns=8)
             buffer = io.BytesIO()
             grid.save(buffer, format="PNG")
             uri = storage.join(self.env.run_uri, "validation", f"step-{step:06d}.png")
