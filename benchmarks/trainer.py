@@ -274,8 +274,7 @@ def render(results: dict) -> str:
             "DeepSpeed), measured before the objective loads any model. Both runs use the runtime's "
             "defaults: under ZeRO-3 the model is built partitioned (`deepspeed.zero.Init`, weights "
             "streamed in per tensor) and the workers' glibc returns freed blocks of 1 MiB or more "
-            "(`train.cpu_mmap_threshold_mb: auto`; the session-5 ZeRO-0 run had it too, as the "
-            "default then was on for every stage: 4048 MiB, vs 4049-4063 MiB without it).",
+            "(`train.cpu_mmap_threshold_mb: auto`, on under ZeRO-3 only).",
             "",
             "| ZeRO stage | peak per worker (MiB) | before models (MiB) |",
             "| --- | --- | --- |",
