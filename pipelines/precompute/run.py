@@ -211,16 +211,11 @@ def _execute(cfg: PrecomputeConfig, todo: list[ShardPlan], teacher: str, input: 
                             fn_kwargs={"input_uri": input, "options": options,
                                        "negative_prompt": cfg.negative_prompt})
         if cfg.fuse_encoders:
-            ds = ds.map_batches(
-                encode.TeacherEncodeActor, batch_size=None, batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=cfg.text_encoder.pool_size),
-                num_cpus=cfg.text_encoder.num_cpus, num_gpus=cfg.text_encoder.num_gpus or None,
-                fn_constructor_args=_actor_args(cfg, cfg.text_encoder, teacher, options),
-                fn_constructor_kwargs={"text_batch_size": cfg.text_encoder.batch_size,
-                                       "vae_batch_size": cfg.vae.batch_size,
-                                       "negative_prompt": cfg.negative_prompt,
-                                       "condition_resolution": cfg.condition_resolution,
-                                       "resolution": cfg.resolution, "has_images": has_images})
+            ds = _actor_stage(ds, encode.TeacherEncodeActor, cfg, cfg.text_encoder, teacher, options,
+                              text_batch_size=cfg.text_encoder.batch_size, vae_batch_size=cfg.vae.batch_size,
+                              negative_prompt=cfg.negative_prompt,
+                              condition_resolution=cfg.condition_resolution, resolution=cfg.resolution,
+                              has_images=has_images)
         else:
             ds = _separate_pools(ds, cfg, teacher, options, has_images)
         ds = ds.map_batches(write.write_shard, batch_size=None, batch_format="pyarrow",
@@ -244,28 +239,29 @@ def _execute(cfg: PrecomputeConfig, todo: list[ShardPlan], teacher: str, input: 
 
 def _separate_pools(ds, cfg: PrecomputeConfig, teacher: str, options: StorageOptions | None, has_images: bool):
     """The text encoder pool, then the VAE pool (or ``drop_images`` for prompt-only input)."""
-    import ray.data
-
-    ds = ds.map_batches(
-        encode.TextEncodeActor, batch_size=None, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.text_encoder.pool_size),
-        num_cpus=cfg.text_encoder.num_cpus, num_gpus=cfg.text_encoder.num_gpus or None,
-        fn_constructor_args=_actor_args(cfg, cfg.text_encoder, teacher, options),
-        fn_constructor_kwargs={"batch_size": cfg.text_encoder.batch_size,
-                               "negative_prompt": cfg.negative_prompt,
-                               "condition_resolution": cfg.condition_resolution})
+    ds = _actor_stage(ds, encode.TextEncodeActor, cfg, cfg.text_encoder, teacher, options,
+                      batch_size=cfg.text_encoder.batch_size, negative_prompt=cfg.negative_prompt,
+                      condition_resolution=cfg.condition_resolution)
     if has_images:
-        ds = ds.map_batches(
-            encode.VaeEncodeActor, batch_size=None, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=cfg.vae.pool_size),
-            num_cpus=cfg.vae.num_cpus, num_gpus=cfg.vae.num_gpus or None,
-            fn_constructor_args=_actor_args(cfg, cfg.vae, teacher, options),
-            fn_constructor_kwargs={"batch_size": cfg.vae.batch_size, "resolution": cfg.resolution})
+        ds = _actor_stage(ds, encode.VaeEncodeActor, cfg, cfg.vae, teacher, options,
+                          batch_size=cfg.vae.batch_size, resolution=cfg.resolution)
     else:
         log.info("the input holds no images: VAE stage skipped (prompt-only shards)")
         ds = ds.map_batches(encode.drop_images, batch_size=None, batch_format="pyarrow",
                             num_cpus=cfg.io.num_cpus)
     return ds
+
+
+def _actor_stage(ds, actor_cls, cfg: PrecomputeConfig, pool, teacher: str, options: StorageOptions | None,
+                 **kwargs):
+    """One actor pool over whole shards (``batch_size=None``: a block is one shard)."""
+    import ray.data
+
+    return ds.map_batches(
+        actor_cls, batch_size=None, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=pool.pool_size),
+        num_cpus=pool.num_cpus, num_gpus=pool.num_gpus or None,
+        fn_constructor_args=_actor_args(cfg, pool, teacher, options), fn_constructor_kwargs=kwargs)
 
 
 def _actor_args(cfg: PrecomputeConfig, pool, teacher: str, options: StorageOptions | None) -> tuple:
