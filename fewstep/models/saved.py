@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,10 +38,12 @@ class TensorReader:
         return sorted(self._where)
 
     def num_elements(self) -> int:
-        total = 0
-        for name, path in self._where.items():
-            total += _numel(self._handles[path].get_slice(name).get_shape())
-        return total
+        return sum(math.prod(self._handles[path].get_slice(name).get_shape())
+                   for name, path in self._where.items())
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
 
     def get(self, name: str) -> torch.Tensor:
         return self._handles[self._where[name]].get_tensor(name)
@@ -91,7 +94,12 @@ class SavedModel:
 
     @contextlib.contextmanager
     def tensors(self) -> Iterator[TensorReader]:
-        yield TensorReader(self._files())
+        """The saved tensors, their files open (memory-mapped) until the block ends."""
+        reader = TensorReader(self._files())
+        try:
+            yield reader
+        finally:
+            reader.close()
 
     def _files(self) -> dict[str, Path]:
         index = self.path / _INDEX
@@ -106,9 +114,3 @@ class SavedModel:
         with safe_open(str(single), framework="pt") as handle:
             return {name: single for name in handle.keys()}
 
-
-def _numel(shape) -> int:
-    n = 1
-    for dim in shape:
-        n *= int(dim)
-    return n
