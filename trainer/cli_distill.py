@@ -91,8 +91,7 @@ def evaluate(
         from trainer.evaluate.compare import PairedResult, paired_table
 
         typer.echo("\npaired by case (students vs teachers)\n"
-                   + paired_table([PairedResult(**{k: v for k, v in r.items() if k != "clearly_better"})
-                                   for r in report["paired"]]))
+                   + paired_table([PairedResult.from_dict(r) for r in report["paired"]]))
     typer.echo(f"report: {report['output']}/report.md")
 
 

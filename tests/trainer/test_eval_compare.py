@@ -30,6 +30,9 @@ def test_compare_counts_wins_on_shared_cases_only():
     assert result.mean_diff == pytest.approx((1 + 0 - 2 + 4) / 4)
     assert result.ci_low <= result.mean_diff <= result.ci_high
     assert not result.clearly_better()  # 2 wins against 1 is no evidence
+    saved = result.as_dict()
+    assert saved["clearly_better"] is False
+    assert type(result).from_dict(saved) == result  # report.json round trip
 
 
 def test_many_wins_and_few_losses_are_clearly_better():

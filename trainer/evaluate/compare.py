@@ -48,6 +48,11 @@ class PairedResult:
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "clearly_better": self.clearly_better()}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PairedResult:
+        """The inverse of :meth:`as_dict` (``report.json``'s ``paired`` entries)."""
+        return cls(**{k: v for k, v in data.items() if k != "clearly_better"})
+
 
 def sign_test(wins: int, losses: int) -> tuple[float, float]:
     """(one-sided P[X >= wins], two-sided p) for X ~ Binomial(wins + losses, 1/2)."""
