@@ -50,3 +50,36 @@ def test_a_decay_without_its_length_names_the_field_and_the_fix() -> None:
         OptimizerConfig(lr=1.0, decay="cosine")
     with pytest.raises(ValidationError, match="min_lr_ratio"):
         OptimizerConfig(lr=1.0, decay="linear", decay_steps=10, min_lr_ratio=2.0)
+
+
+def test_decay_start_holds_the_rate_then_decays_to_the_floor() -> None:
+    config = OptimizerConfig(lr=1.0, decay="linear", decay_start=4, decay_steps=8, min_lr_ratio=0.0)
+    lrs = _lrs(config, 10)
+    assert lrs[:5] == pytest.approx([1.0] * 5)
+    assert lrs[4:9] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    with pytest.raises(ValidationError, match="decay_steps.*decay_start"):
+        OptimizerConfig(lr=1.0, decay="linear", decay_start=10, decay_steps=10)
+
+
+def test_a_resumed_constant_run_starts_its_decay_where_it_stands() -> None:
+    """An annealing phase added on resume: the restored scheduler continues on the new schedule
+    from the restored step, without a jump down the curve."""
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer, scheduler = _optimizer([param], OptimizerConfig(lr=1.0), torch.device("cpu"))
+    for _ in range(6):
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+        scheduler.step()
+    saved = optimizer.state_dict(), scheduler.state_dict()
+
+    annealed = OptimizerConfig(lr=1.0, decay="linear", decay_start=6, decay_steps=10, min_lr_ratio=0.2)
+    optimizer, scheduler = _optimizer([param], annealed, torch.device("cpu"))
+    optimizer.load_state_dict(saved[0])
+    scheduler.load_state_dict(saved[1])
+    seen = []
+    for _ in range(6):
+        seen.append(optimizer.param_groups[0]["lr"])
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2, 0.2])

@@ -105,31 +105,38 @@ class OptimizerConfig(StrictModel):
     eps: float = 1e-8
     grad_clip: float | None = 1.0  # max global grad norm; null disables clipping
     warmup_steps: int = 0  # linear warm-up in optimiser steps of this model
-    # Learning-rate decay after warm-up, over ``decay_steps`` optimiser steps down to
-    # ``lr * min_lr_ratio`` (then held there). Annealing at the end of a run is where a
-    # constant-rate run leaves quality on the table.
+    # Learning-rate decay from optimiser step ``decay_start`` (default: the end of warm-up) to
+    # step ``decay_steps``, down to ``lr * min_lr_ratio`` (then held there). Annealing at the
+    # end of a run is where a constant-rate run leaves quality on the table; ``decay_start``
+    # lets a resumed run begin that phase where it stands instead of jumping down the curve.
     decay: Literal["constant", "linear", "cosine"] = "constant"
+    decay_start: int | None = None
     decay_steps: int | None = None
     min_lr_ratio: float = 0.0
 
     @model_validator(mode="after")
     def _decay_needs_length(self) -> OptimizerConfig:
-        if self.decay != "constant" and (self.decay_steps is None or self.decay_steps <= self.warmup_steps):
+        start = self._decay_start()
+        if self.decay != "constant" and (self.decay_steps is None or self.decay_steps <= start):
             raise ValueError(
-                f"decay_steps: decay '{self.decay}' needs decay_steps > warmup_steps "
-                f"({self.warmup_steps}); set it to the run's optimiser steps (e.g. train.max_steps)")
+                f"decay_steps: decay '{self.decay}' needs decay_steps > {start} (the larger of "
+                f"warmup_steps and decay_start); set it to the run's optimiser steps (e.g. train.max_steps)")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError("min_lr_ratio: must be in [0, 1] (the final lr as a share of lr)")
         return self
+
+    def _decay_start(self) -> int:
+        return max(0, self.warmup_steps, self.decay_start or 0)
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` at optimiser step ``step`` (0-based): warm-up, then decay."""
         warmup = max(0, self.warmup_steps)
         if warmup and step < warmup:
             return (step + 1) / warmup
-        if self.decay == "constant" or self.decay_steps is None:
+        start = self._decay_start()
+        if self.decay == "constant" or self.decay_steps is None or step < start:
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, self.decay_steps - warmup))
+        progress = min(1.0, (step - start) / max(1, self.decay_steps - start))
         shape = 1.0 - progress if self.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
 

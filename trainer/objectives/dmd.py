@@ -272,7 +272,7 @@ class DMDObjective(Objective):
             out.update(self.validator.run(state, student, step=0))
 
         fake_before, student_before = fake.optimizer_steps, student.optimizer_steps
-        fake_losses, fake_norms = [], []
+        fake_losses, fake_norms, fake_lr = [], [], 0.0
         for i in range(cfg.fake_updates):
             steps, noise = self._draw(state, batch, salt=1 + i)
             with torch.no_grad():
@@ -281,7 +281,9 @@ class DMDObjective(Objective):
             t = M.sample_timesteps(len(batch), *cfg.fake_t, generator=state.generator, device=state.device)
             loss = M.flow_matching_loss(fake_fn, x, t, torch.randn(x.shape, generator=state.generator).to(x))
             fake.backward(loss)
-            fake_norms.append(fake.step()["grad_norm"])
+            fake_stats = fake.step()
+            fake_norms.append(fake_stats["grad_norm"])
+            fake_lr = fake_stats["lr"]
             fake_losses.append(float(loss.detach()))
 
         steps, noise = self._draw(state, batch, salt=0)
@@ -299,14 +301,16 @@ class DMDObjective(Objective):
             total = total + cfg.fm_first_step_weight * fm
             out["fm_first_step_loss"] = float(fm.detach())
         student.backward(total)
-        student_norm = student.step()["grad_norm"]
+        student_stats = student.step()
 
         shares = self.mixer.shares()
         out.update({
             "dmd_loss": float(loss.detach()),
             "fake_loss": float(np.mean(fake_losses)),
-            "student_grad_norm": float(student_norm),
+            "student_grad_norm": float(student_stats["grad_norm"]),
             "fake_grad_norm": float(np.mean(fake_norms)),
+            "student_lr": float(student_stats["lr"]),
+            "fake_lr": float(fake_lr),
             "dmd_grad_abs": float(stats["dmd_grad_abs"]),
             "fake_real_gap": float(stats["fake_real_gap"]),
             "x_theta_std": float(x.detach().float().std()),
