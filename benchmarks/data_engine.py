@@ -59,15 +59,29 @@ def run_pipeline(work: Path, corpus: Path, teacher: str, workers: int, cpus: int
     pcfg = load_precompute_config(pre_cfg, {"text_encoder.pool_size": workers, "vae.pool_size": workers,
                                             "text_encoder.num_cpus": min(0.5, cpus / (4 * workers)),
                                             "vae.num_cpus": min(0.5, cpus / (4 * workers))})
-    started = time.perf_counter()
+    started, busy = time.perf_counter(), cpu_busy_s()
     report = run_curate(ccfg, _inputs(corpus), str(cur_out))
-    curated_s = time.perf_counter() - started
-    started = time.perf_counter()
+    curated_s, curate_cpu = time.perf_counter() - started, cpu_busy_s() - busy
+    started, busy = time.perf_counter(), cpu_busy_s()
     manifest = run_precompute(pcfg, teacher, str(cur_out), str(pre_out), show_progress=False)
-    pre_s = time.perf_counter() - started
+    pre_s, pre_cpu = time.perf_counter() - started, cpu_busy_s() - busy
     return {"name": f"ray data, {workers} worker(s) per pool", "input_rows": report["input_rows"],
             "curated_rows": report["output_rows"], "shard_rows": manifest["totals"]["rows"],
-            "curate_s": curated_s, "precompute_s": pre_s, "manifest": manifest}
+            "curate_s": curated_s, "precompute_s": pre_s, "curate_cpu_s": curate_cpu,
+            "precompute_cpu_s": pre_cpu, "manifest": manifest}
+
+
+def cpu_busy_s() -> float:
+    """Core-seconds the whole machine has spent busy (every process: Ray's too), from /proc/stat;
+    NaN where there is no /proc. The difference over a phase shows what the pipeline costs in
+    CPU beside what it costs in wall time."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return float("nan")
+    ticks = [int(x) for x in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def _inputs(corpus: Path) -> list[str]:
@@ -169,9 +183,9 @@ def run_bare(work: Path, corpus: Path, teacher: str, threads: int, curate_cfg: P
         shutil.rmtree(folder, ignore_errors=True)
     ccfg = load_config(CurateConfig, curate_cfg)
     pcfg = load_precompute_config(pre_cfg)
-    started = time.perf_counter()
+    started, busy = time.perf_counter(), cpu_busy_s()
     counts = bare_curate(ccfg, _inputs(corpus), cur_out / "curated", threads)
-    curate_s = time.perf_counter() - started
+    curate_s, curate_cpu = time.perf_counter() - started, cpu_busy_s() - busy
     # A manifest so that the precompute reader accepts the folder (not timed: bookkeeping).
     import hashlib
 
@@ -179,11 +193,11 @@ def run_bare(work: Path, corpus: Path, teacher: str, threads: int, curate_cfg: P
                for p in sorted((cur_out / "curated").glob("*.parquet"))]
     write_json_atomic(str(cur_out / MANIFEST_NAME), build_manifest(kind="curated", config={}, config_hash="bare",
                                                                    shards=entries))
-    started = time.perf_counter()
+    started, busy = time.perf_counter(), cpu_busy_s()
     shard_rows = bare_precompute(pcfg, teacher, str(cur_out), pre_out, threads)
-    pre_s = time.perf_counter() - started
+    pre_s, pre_cpu = time.perf_counter() - started, cpu_busy_s() - busy
     return {"name": f"bare loop, 1 process, {threads} threads", **counts, "shard_rows": shard_rows,
-            "curate_s": curate_s, "precompute_s": pre_s}
+            "curate_s": curate_s, "precompute_s": pre_s, "curate_cpu_s": curate_cpu, "precompute_cpu_s": pre_cpu}
 
 
 def _rows_of(path: Path) -> int:
@@ -206,14 +220,15 @@ def _rate(result: dict) -> dict:
 def render(results: list[dict], bare: dict, other_bares: list[dict], args,
            load: tuple[float, ...]) -> tuple[str, list[str]]:
     lines = ["| run | input rows | curated rows | curate s | precompute s | curate rows/s | "
-             "precompute rows/s | end-to-end rows/s | vs bare |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "precompute rows/s | end-to-end rows/s | vs bare | curate CPU s | precompute CPU s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base = _rate(bare)["total"]
     for r in [bare, *other_bares, *results]:
         rate = _rate(r)
         lines.append(f"| {r['name']} | {r['input_rows']} | {r['curated_rows']} | {r['curate_s']:.1f} | "
                      f"{r['precompute_s']:.1f} | {rate['curate']:.2f} | {rate['precompute']:.2f} | "
-                     f"{rate['total']:.2f} | {rate['total'] / base:.2f} |")
+                     f"{rate['total']:.2f} | {rate['total'] / base:.2f} | {r['curate_cpu_s']:.1f} | "
+                     f"{r['precompute_cpu_s']:.1f} |")
     notes = []
     by_workers = {r["workers"]: _rate(r)["total"] for r in results}
     if 1 in by_workers:
@@ -222,7 +237,8 @@ def render(results: list[dict], bare: dict, other_bares: list[dict], args,
     if 1 in by_workers and 2 in by_workers:
         notes.append(f"scaling 2 workers / 1 worker per pool: {by_workers[2] / by_workers[1]:.2f}x")
     notes.append(f"machine: {os.cpu_count()} cores, Ray with {args.cpus} logical CPUs, {platform.platform()}; "
-                 f"load average before/after: {load[0]:.1f} / {load[1]:.1f}")
+                 f"load average before/after: {load[0]:.1f} / {load[1]:.1f}; CPU s = busy core-seconds of "
+                 "the whole machine during the phase (every process)")
     return "\n".join(lines), notes
 
 
