@@ -124,7 +124,7 @@ def bare_loop(teacher: str, data: str, *, steps: int, batch_size: int, threads: 
 
 
 def ray_run(teacher: str, data: str, *, steps: int, batch_size: int, threads: int, fake_updates: int,
-            warmup: int, zero_stage: int, runs_dir: str) -> dict[str, float]:
+            warmup: int, zero_stage: int, runs_dir: str, log_every: int = 1) -> dict[str, float]:
     """steps/s of the same step under Ray Train + DeepSpeed (one worker with ``threads`` CPUs)."""
     from fewstep.config import parse_config
     from fewstep.settings import Settings
@@ -137,25 +137,30 @@ def ray_run(teacher: str, data: str, *, steps: int, batch_size: int, threads: in
         "launcher": "ray",
         "scaling": {"num_workers": 1, "cpus_per_worker": threads},
         "deepspeed": {"enabled": True, "zero_stage": zero_stage},
-        "train": {"max_steps": steps, "batch_size": batch_size, "log_every": 1, "checkpoint_every": 10**6,
+        "train": {"max_steps": steps, "batch_size": batch_size, "log_every": log_every, "checkpoint_every": 10**6,
                   "export": False, "progress": False, "shuffle_buffer": 0},
         "data": {"uri": data},
         "objective": objective_body(teacher, fake_updates),
     })
     result = launch(cfg, Settings(runs_dir=runs_dir))
     records = read_metrics(result.run_uri)
-    # Each record is one step (log_every 1); consecutive wall-clock stamps give step times
-    # (the final checkpoint is written after the last record, so it is not counted).
-    stamps = [r["time"] for r in records]
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])][warmup:] or [1.0 / records[-1]["steps_per_s"]]
+    # Consecutive wall-clock stamps of the metric records (every ``log_every`` steps) give step
+    # times, from the first record at or after the warm-up (the final checkpoint is written
+    # after the last record, so it is not counted).
+    timed = [r for r in records if r["step"] >= warmup]
+    pairs = list(zip(timed, timed[1:]))
+    if not pairs:
+        return {"steps_per_s": float(records[-1]["steps_per_s"]), "seconds_per_step": math.nan, "steps": 0}
     import numpy as np
 
-    return {"steps_per_s": len(gaps) / sum(gaps), "seconds_per_step": float(np.median(gaps)),
-            "steps": len(gaps)}
+    counted = sum(b["step"] - a["step"] for a, b in pairs)
+    per_step = [(b["time"] - a["time"]) / (b["step"] - a["step"]) for a, b in pairs]
+    return {"steps_per_s": counted / (timed[-1]["time"] - timed[0]["time"]),
+            "seconds_per_step": float(np.median(per_step)), "steps": counted}
 
 
 def compare(teacher: str, data: str, *, steps: int = 12, batch_size: int = 8, threads: int = 1,
-            fake_updates: int = 2, warmup: int = 3, zero_stage: int = 0,
+            fake_updates: int = 2, warmup: int = 3, zero_stage: int = 0, log_every: int = 1,
             runs_dir: str | None = None) -> dict[str, Any]:
     runs_dir = runs_dir or tempfile.mkdtemp(prefix="bench-dmd-runs-")
     common = {"steps": steps, "batch_size": batch_size, "threads": threads, "fake_updates": fake_updates,
@@ -165,10 +170,10 @@ def compare(teacher: str, data: str, *, steps: int = 12, batch_size: int = 8, th
         import torch
 
         torch.set_num_threads(threads)
-    ray = ray_run(teacher, data, zero_stage=zero_stage, runs_dir=runs_dir, **common)
+    ray = ray_run(teacher, data, zero_stage=zero_stage, runs_dir=runs_dir, log_every=log_every, **common)
     ratio = ray["steps_per_s"] / bare["steps_per_s"] if bare["steps_per_s"] else math.nan
     return {"bare": bare, "ray_deepspeed": ray, "ratio": ratio, "goal": 0.90, **common,
-            "zero_stage": zero_stage}
+            "zero_stage": zero_stage, "log_every": log_every}
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -180,7 +185,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{result['threads']} thread(s), {bare['steps']} timed steps after {result['warmup']} warm-up steps. "
         "Bare: the same `DMDObjective.train_step` in one process with torch AdamW and rows in memory. "
         f"Runtime: Ray Train (1 worker), DeepSpeed ZeRO-{result['zero_stage']} engines for student and fake "
-        "score, shards streamed, metrics + `ray.train.report` every step.",
+        f"score, shards streamed, metrics + `ray.train.report` every {result.get('log_every', 1)} step(s).",
         "",
         "| loop | steps/s | s/step (median) |",
         "| --- | --- | --- |",
@@ -200,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fake-updates", type=int, default=2)
     parser.add_argument("--zero-stage", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=1, help="Metrics + ray.train.report every N steps "
+                        "in the Ray run (the flow-matching run of benchmarks/trainer.py uses 5).")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=str(REPO / "runs" / "bench" / "dmd_step.json"))
     args = parser.parse_args(argv)
@@ -220,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --{label} {path} has no {marker}", file=sys.stderr)
             return 2
     result = compare(args.teacher, args.data, steps=args.steps, batch_size=args.batch_size, threads=args.threads,
-                     fake_updates=args.fake_updates, warmup=args.warmup, zero_stage=args.zero_stage)
+                     fake_updates=args.fake_updates, warmup=args.warmup, zero_stage=args.zero_stage,
+                     log_every=args.log_every)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(render_markdown(result))
