@@ -231,7 +231,7 @@ def main() -> None:
 
         print("[bench] DMD step: bare torch loop vs Ray Train + DeepSpeed ZeRO-0, 1 worker", flush=True)
         # Metrics + ray.train.report every 5 steps, as in the flow-matching run above (the
-        # runtime's default is 10); --dmd-log-every 1 measures the cost of reporting every step.
+        # runtime's default is 10); --dmd-log-every 1 reports every step.
         results["dmd"] = compare(pipeline, shards, steps=args.dmd_steps, batch_size=args.dmd_batch,
                                  threads=args.threads, runs_dir=str(runs), log_every=args.dmd_log_every,
                                  warmup=args.dmd_warmup)
