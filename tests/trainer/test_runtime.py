@@ -160,6 +160,12 @@ def test_config_errors_name_the_field(world, tmp_path):
     raw["testing"] = {"crash_at_step": 3}
     with pytest.raises(ConfigError, match="crash_marker"):
         load_train_config(write(raw))
+    raw = _raw(world, str(tmp_path), "x")
+    raw["train"]["cpu_mmap_threshold_mb"] = 0
+    with pytest.raises(ConfigError, match="train.cpu_mmap_threshold_mb.*greater than 0"):
+        load_train_config(write(raw))
+    raw["train"]["cpu_mmap_threshold_mb"] = "auto"
+    assert load_train_config(write(raw)).train.cpu_mmap_threshold_mb == "auto"
 
 
 def test_data_errors_are_clear(world, tmp_path):

@@ -8,7 +8,7 @@ One YAML file describes a run: where it goes (``run``), how it is launched (``la
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -58,7 +58,7 @@ class TrainSection(StrictModel):
         "several ranks at the first log step past it (they agree); checkpoint and export as at "
         "max_steps. For fixed-time jobs on lent machines.")
     shuffle_buffer: int = Field(256, ge=0, description="Local shuffle buffer (rows); 0: no shuffle.")
-    cpu_mmap_threshold_mb: float | Literal["auto"] | None = Field(
+    cpu_mmap_threshold_mb: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
         "auto", description="CPU workers (glibc): blocks of at least this many MiB are mapped on "
         "their own and given back to the OS when freed. glibc's default raises this threshold as "
         "large blocks are freed and then keeps them, so ZeRO-3's gather/free cycles stay resident "
