@@ -236,7 +236,6 @@ def _execute(cfg: PrecomputeConfig, todo: list[ShardPlan], teacher: str, input: 
     return new, ds.stats()
 
 
-
 def _separate_pools(ds, cfg: PrecomputeConfig, teacher: str, options: StorageOptions | None, has_images: bool):
     """The text encoder pool, then the VAE pool (or ``drop_images`` for prompt-only input)."""
     ds = _actor_stage(ds, encode.TextEncodeActor, cfg, cfg.text_encoder, teacher, options,
