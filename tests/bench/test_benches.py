@@ -1,4 +1,5 @@
-"""The mini benches: committed files, their loader, reference renders and ``bench-refs``."""
+"""The benches (mini and validation): committed files, their loader, reference renders and
+``bench-refs``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from fewstep.bench.corpus_cli import corpus_app
 @pytest.mark.parametrize("name,task,categories,per_category", [
     ("t2i-bench-mini", "t2i", world.T2I_CATEGORIES, 20),
     ("editing-bench-mini", "edit", world.EDIT_CATEGORIES, 10),
+    ("t2i-bench-val", "t2i", world.T2I_CATEGORIES, 20),
+    ("editing-bench-val", "edit", world.EDIT_CATEGORIES, 10),
 ])
 def test_benches_have_equal_categories_and_fixed_fields(name, task, categories, per_category):
     cases = load_bench(name)
@@ -72,10 +75,22 @@ def test_loader_rejects_bad_files(tmp_path: Path):
         load_bench("t2i-bench-mini", bad)
 
 
-def test_bench_texts_cover_both_benches():
+def test_bench_texts_cover_every_bench():
     texts = bench_texts()
-    assert len(texts) == 120
+    assert len(texts) == 240
     assert {c.prompt for c in load_bench("editing-bench-mini")} <= texts
+    assert {c.prompt for c in load_bench("t2i-bench-val")} <= texts
+
+
+@pytest.mark.parametrize("test,validation", [("t2i-bench-mini", "t2i-bench-val"),
+                                             ("editing-bench-mini", "editing-bench-val")])
+def test_validation_benches_share_no_case_with_the_test_benches(test, validation):
+    """Choosing a checkpoint on a validation bench must not be choosing on the reported one."""
+    reported, held = load_bench(test), load_bench(validation)
+    assert BENCHES[validation].validates == test and not BENCHES[test].is_validation
+    assert not {generate.case_key(c) for c in reported} & {generate.case_key(c) for c in held}
+    assert not {c.prompt for c in reported} & {c.prompt for c in held}
+    assert not {c.id for c in reported} & {c.id for c in held}
 
 
 def test_bench_refs_writes_one_png_per_case(tmp_path: Path):

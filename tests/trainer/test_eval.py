@@ -1,5 +1,6 @@
 """``fewstep eval`` on tiny models: per-case JSON, per-category tables and grids, NFE and
-network-call counts (a teacher with CFG costs two calls per step, a student one)."""
+network-call counts (a teacher with CFG costs two calls per step, a student one), and several
+seeded draws per case."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from tests.trainer.dmd_world import tiny_teacher
 
 TEACHER_NFE, STUDENT_NFE = 3, 2
+DRAWS = 2
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def test_eval_writes_cases_tables_grids_with_nfe_counts(models, ray_cluster):
             {"name": "teacher", "path": teacher, "role": "teacher", "nfe": TEACHER_NFE, "guidance_scale": 2.0},
             {"name": "student", "path": student, "role": "student"},
         ],
-        "cases_per_category": 1, "resolution": 32, "batch_size": 8, "grid_cases": 2,
+        "cases_per_category": 1, "resolution": 32, "batch_size": 8, "grid_cases": 2, "seeds_per_case": DRAWS,
     })
     out = root / "report"
     report = run_eval(cfg, str(out), progress=False)
@@ -58,17 +60,28 @@ def test_eval_writes_cases_tables_grids_with_nfe_counts(models, ray_cluster):
     assert teacher_m["network_calls_per_image"] == 2 * TEACHER_NFE  # true CFG: cond + uncond
     assert student_m["network_calls_per_image"] == STUDENT_NFE
     for m in (teacher_m, student_m):
-        assert m["seconds_per_image"] > 0 and m["images"] == len(T2I_CATEGORIES) + len(EDIT_CATEGORIES)
+        assert m["seconds_per_image"] > 0
+        assert m["images"] == DRAWS * (len(T2I_CATEGORIES) + len(EDIT_CATEGORIES))
         assert set(m["benches"]) == {"t2i-bench-mini", "editing-bench-mini"}
         assert 1 <= m["benches"]["t2i-bench-mini"]["score"] <= 5
+        edit_m = m["benches"]["editing-bench-mini"]
+        assert (edit_m["cases"], edit_m["draws_per_case"]) == (len(EDIT_CATEGORIES), DRAWS)
 
     for model in ("teacher", "student"):
         lines = (out / "cases" / model / "editing-bench-mini.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines]
-        assert sorted(r["category"] for r in records) == sorted(EDIT_CATEGORIES)
+        assert sorted(r["category"] for r in records) == sorted(EDIT_CATEGORIES * DRAWS)
         for r in records:
             assert {"overall_score", "sub_scores", "reasoning", "failure_modes"} <= set(r["verdict"])
             assert (out / r["image"]).exists()
+        # Each draw of a case has its own seed and noise, so its own image.
+        by_case: dict[str, list[dict]] = {}
+        for r in records:
+            by_case.setdefault(r["case_id"], []).append(r)
+        for draws in by_case.values():
+            assert sorted(r["draw"] for r in draws) == list(range(DRAWS))
+            assert len({r["seed"] for r in draws}) == DRAWS
+            assert len({(out / r["image"]).read_bytes() for r in draws}) == DRAWS
     with open(out / "tables" / "t2i-bench-mini.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["model"] for r in rows] == ["teacher", "student"]
@@ -85,7 +98,9 @@ def test_eval_writes_cases_tables_grids_with_nfe_counts(models, ray_cluster):
     assert set(paired) == {"t2i-bench-mini", "editing-bench-mini"}
     edit = paired["editing-bench-mini"]
     assert (edit["a"], edit["b"]) == ("student", "teacher")
+    # The case, not the draw, is the unit of the paired test: draws are averaged first.
     assert edit["wins"] + edit["losses"] + edit["ties"] == edit["cases"] == len(EDIT_CATEGORIES)
+    assert (edit["draws_a"], edit["draws_b"]) == (DRAWS, DRAWS)
     assert edit["mean_diff"] == pytest.approx(student_m["benches"]["editing-bench-mini"]["score"]
                                               - teacher_m["benches"]["editing-bench-mini"]["score"])
     assert "## Paired by case" in (out / "report.md").read_text()

@@ -45,6 +45,20 @@ def test_many_wins_and_few_losses_are_clearly_better():
         compare_scores("t2i-bench-mini", "a", "b", {"x": 1.0}, {"y": 1.0})
 
 
+def test_draws_of_a_case_are_averaged_before_pairing():
+    # Four draws per case: A's mean beats B's in c1 and c2, loses in c3; each case counts once.
+    a = {"c1": [3, 3, 2, 3], "c2": [2, 2, 2, 3], "c3": [1, 2, 2, 2]}
+    b = {"c1": [3, 2, 2, 2], "c2": [2, 2, 2, 2], "c3": [2, 2, 2, 2]}
+    result = compare_scores("t2i-bench-mini", "a", "b", a, b)
+    assert (result.cases, result.wins, result.losses, result.ties) == (3, 2, 1, 0)
+    assert (result.draws_a, result.draws_b) == (4, 4)
+    assert result.mean_a == pytest.approx((2.75 + 2.25 + 1.75) / 3)
+    assert result.mean_diff == pytest.approx((0.5 + 0.25 - 0.25) / 3)
+    # A single score and a one-draw list are the same thing.
+    single = compare_scores("t2i-bench-mini", "a", "b", {"c1": 3.0}, {"c1": [2.0]})
+    assert (single.wins, single.draws_a, single.draws_b) == (1, 1, 1)
+
+
 def _write_eval(root: Path, model: str, scores: dict[str, float], bench: str = "t2i-bench-mini") -> None:
     folder = root / "cases" / model
     folder.mkdir(parents=True)

@@ -65,7 +65,7 @@ def test_border_mode_share_flags_one_background_for_every_prompt():
 
 
 def test_validation_watches_t2i_and_edit_benches(tmp_path):
-    """A DMD run can validate on both mini benches: one score per task and per category (edit
+    """A DMD run can validate on both validation benches: one score per task and per category (edit
     categories prefixed, as both tasks have a "text" category), and a grid of every image."""
     from types import SimpleNamespace
 
@@ -75,7 +75,10 @@ def test_validation_watches_t2i_and_edit_benches(tmp_path):
     from trainer.objectives.dmd_validation import ValidationConfig, Validator
 
     teacher = tiny_teacher(tmp_path)
-    cfg = ValidationConfig(every=1, benches=["t2i-bench-mini", "editing-bench-mini"], cases_per_category=1,
+    assert ValidationConfig().benches == ["t2i-bench-val"]  # never the reported benches by default
+    with pytest.raises(ValueError, match="benches"):
+        ValidationConfig(benches=["t2i-bench-huge"])
+    cfg = ValidationConfig(every=1, benches=["t2i-bench-val", "editing-bench-val"], cases_per_category=1,
                            resolution=32)
     env = SimpleNamespace(rank=0, world_size=1, storage=None, run_uri=str(tmp_path / "run"))
     validator = Validator(cfg, None, teacher, env, num_steps=2, shift=3.0)

@@ -6,6 +6,10 @@ scored on, gives the mean paired difference with a seeded bootstrap interval, an
 test (ties dropped): ``p_better`` is the one-sided probability of at least that many wins if A
 and B were equally good. A "clear" win needs ``p_better < alpha`` (0.05 by default).
 
+An eval with ``seeds_per_case > 1`` scores each case several times from different noise. A case's
+draws share its prompt, so they are not independent trials: each model's draws of a case are
+averaged first and the case stays the unit of the test (more draws mean fewer ties, not more "cases").
+
 Inside one eval the report compares every student with every teacher (``report.json`` under
 ``paired``). Across evals: ``fewstep eval-compare A_DIR:MODEL B_DIR:MODEL``.
 """
@@ -41,6 +45,8 @@ class PairedResult:
     ci_high: float
     p_better: float  # one-sided exact sign test: A better than B
     p_two_sided: float
+    draws_a: int = 1  # draws per case averaged into A's case score (the most any case had)
+    draws_b: int = 1
 
     def clearly_better(self, alpha: float = ALPHA) -> bool:
         return self.p_better < alpha
@@ -64,14 +70,23 @@ def sign_test(wins: int, losses: int) -> tuple[float, float]:
     return float(upper), float(min(1.0, 2 * min(upper, lower)))
 
 
-def compare_scores(bench: str, a: str, b: str, scores_a: dict[str, float], scores_b: dict[str, float],
+Scores = dict[str, float | list[float]]  # case_id -> score, or the scores of its draws
+
+
+def _case_means(scores: Scores, shared: list[str]) -> tuple[np.ndarray, int]:
+    values = [scores[c] if isinstance(scores[c], list) else [scores[c]] for c in shared]
+    return np.array([float(np.mean(v)) for v in values]), max(len(v) for v in values)
+
+
+def compare_scores(bench: str, a: str, b: str, scores_a: Scores, scores_b: Scores,
                    *, resamples: int = 2000, seed: int = 0) -> PairedResult:
-    """Compare two ``case_id -> score`` maps on the cases they share."""
+    """Compare two ``case_id -> score`` (or ``case_id -> [score per draw]``) maps on the cases they
+    share; a case's draws are averaged before pairing."""
     shared = sorted(set(scores_a) & set(scores_b))
     if not shared:
         raise ValueError(f"{bench}: {a!r} and {b!r} share no scored case (were they run on the same bench?)")
-    xa = np.array([scores_a[c] for c in shared], dtype=float)
-    xb = np.array([scores_b[c] for c in shared], dtype=float)
+    xa, draws_a = _case_means(scores_a, shared)
+    xb, draws_b = _case_means(scores_b, shared)
     diff = xa - xb
     wins, losses = int((diff > 0).sum()), int((diff < 0).sum())
     rng = np.random.default_rng(seed)
@@ -80,11 +95,17 @@ def compare_scores(bench: str, a: str, b: str, scores_a: dict[str, float], score
     return PairedResult(bench=bench, a=a, b=b, cases=len(shared), wins=wins, losses=losses,
                         ties=len(shared) - wins - losses, mean_a=float(xa.mean()), mean_b=float(xb.mean()),
                         mean_diff=float(diff.mean()), ci_low=float(np.quantile(means, 0.025)),
-                        ci_high=float(np.quantile(means, 0.975)), p_better=p_better, p_two_sided=p_two)
+                        ci_high=float(np.quantile(means, 0.975)), p_better=p_better, p_two_sided=p_two,
+                        draws_a=draws_a, draws_b=draws_b)
 
 
-def scores_by_case(rows: list[dict[str, Any]], model: str, bench: str) -> dict[str, float]:
-    return {r["case_id"]: float(r["score"]) for r in rows if r["model"] == model and r["bench"] == bench}
+def scores_by_case(rows: list[dict[str, Any]], model: str, bench: str) -> dict[str, list[float]]:
+    """``case_id -> [score of each draw]`` of one model on one bench."""
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        if r["model"] == model and r["bench"] == bench:
+            out.setdefault(r["case_id"], []).append(float(r["score"]))
+    return out
 
 
 def paired_within(summary: dict[str, Any], rows: list[dict[str, Any]]) -> list[PairedResult]:
@@ -101,27 +122,29 @@ def paired_within(summary: dict[str, Any], rows: list[dict[str, Any]]) -> list[P
     return results
 
 
-def read_case_scores(eval_dir: str, model: str, options: StorageOptions | None = None) -> dict[str, dict[str, float]]:
-    """``bench -> case_id -> score`` from an eval output's ``cases/<model>/<bench>.jsonl``."""
+def read_case_scores(eval_dir: str, model: str,
+                     options: StorageOptions | None = None) -> dict[str, dict[str, list[float]]]:
+    """``bench -> case_id -> [score of each draw]`` from an eval output's ``cases/<model>/<bench>.jsonl``."""
     folder = storage.join(storage.normalize(eval_dir), "cases", model)
     files = storage.list_files(folder, ".jsonl", options)
     if not files:
         raise FileNotFoundError(f"{folder}: no case files (is {model!r} a model of that eval?)")
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, list[float]]] = {}
     for uri in files:
         for line in storage.read_bytes(uri, options).decode().splitlines():
             if line.strip():
                 record = json.loads(line)
-                out.setdefault(record["bench"], {})[record["case_id"]] = float(record["score"])
+                out.setdefault(record["bench"], {}).setdefault(record["case_id"], []).append(float(record["score"]))
     return out
 
 
 def paired_table(results: list[PairedResult], alpha: float = ALPHA) -> str:
-    head = ["bench", "A", "B", "cases", "A wins", "B wins", "ties", "mean A - B (95% CI)", "sign test p (A better)",
+    head = ["bench", "A", "B", "cases", "draws/case", "A wins", "B wins", "ties", "mean A - B (95% CI)", "sign test p (A better)",
             f"A clearly better (p < {alpha:g})"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        lines.append(f"| {r.bench} | {r.a} | {r.b} | {r.cases} | {r.wins} | {r.losses} | {r.ties} | "
+        draws = f"{r.draws_a}" if r.draws_a == r.draws_b else f"{r.draws_a} / {r.draws_b}"
+        lines.append(f"| {r.bench} | {r.a} | {r.b} | {r.cases} | {draws} | {r.wins} | {r.losses} | {r.ties} | "
                      f"{r.mean_diff:+.3f} ({r.ci_low:+.3f}, {r.ci_high:+.3f}) | {r.p_better:.3g} | "
                      f"{'yes' if r.clearly_better(alpha) else 'no'} |")
     return "\n".join(lines) + "\n"

@@ -10,7 +10,8 @@ from pydantic import Field, field_validator, model_validator
 from fewstep import storage
 from fewstep.config import StrictModel
 
-BENCH_NAMES = ("t2i-bench-mini", "editing-bench-mini")
+BENCH_NAMES = ("t2i-bench-mini", "editing-bench-mini")  # the reported (test) benches, the default
+BenchName = Literal["t2i-bench-mini", "editing-bench-mini", "t2i-bench-val", "editing-bench-val"]
 
 
 class ModelEntry(StrictModel):
@@ -41,8 +42,10 @@ class ModelEntry(StrictModel):
 
 class EvalConfig(StrictModel):
     models: list[ModelEntry] = Field(..., min_length=1)
-    benches: list[Literal["t2i-bench-mini", "editing-bench-mini"]] = Field(
-        default_factory=lambda: list(BENCH_NAMES))
+    benches: list[BenchName] = Field(
+        default_factory=lambda: list(BENCH_NAMES),
+        description="Benches to sample: the mini benches are the reported ones; the *-bench-val "
+        "benches (same shape, no case in common) are for choosing recipes and checkpoints.")
     cases_per_category: int | None = Field(None, ge=1, description="First N cases of each category "
                                            "(null: the whole bench).")
     teacher_cases_per_category: int | None = Field(
@@ -57,6 +60,10 @@ class EvalConfig(StrictModel):
     threads_per_actor: int | None = Field(None, ge=1, description="torch threads in each actor "
                                           "(default: all cores / actors).")
     grid_cases: int = Field(8, ge=1, description="Cases per category shown in the sample grids.")
+    seeds_per_case: int = Field(
+        1, ge=1, description="Draws per case, each from its own noise (draw 0 uses the case's seed). "
+        "Paired comparisons average a case's draws first, so their sign test still counts cases; "
+        "more draws make a small difference between two models measurable.")
 
     @model_validator(mode="after")
     def _unique(self) -> EvalConfig:

@@ -6,8 +6,8 @@ Layout under the output URI (local or s3://)::
                                     each student vs each teacher case by case (compare.py)
     report.md                       the tables, readable
     tables/<bench>.md, .csv         models x categories (mean score), NFE, calls and s per image
-    cases/<model>/<bench>.jsonl     one JSON per case: prompt, seed, score, verdict, timings
-    images/<model>/<bench>/<id>.png the generated images
+    cases/<model>/<bench>.jsonl     one JSON per case and draw: prompt, seed, draw, score, verdict, timings
+    images/<model>/<bench>/<id>.png the generated images (<id>-d<k>.png for draw k > 0)
     grids/<bench>/<category>.png    rows = models, columns = the first cases of the category
 """
 
@@ -47,7 +47,8 @@ def summarise(models: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[
             per_bench[bench] = {
                 "score": _mean([r["score"] for r in bench_rows]),
                 "categories": {c: _mean(v) for c, v in categories.items()},
-                "cases": len(bench_rows),
+                "cases": len({r["case_id"] for r in bench_rows}),
+                "draws_per_case": max(int(r.get("draw", 0)) for r in bench_rows) + 1,
             }
         seconds = [r["encode_s"] + r["sample_s"] + r["decode_s"] for r in mine]
         out[model["name"]] = {
@@ -88,9 +89,10 @@ def _png(image: Image.Image) -> bytes:
 
 
 def category_grid(rows: list[dict[str, Any]], models: list[str], limit: int) -> Image.Image:
-    """One row per model, the same first ``limit`` cases in each column."""
+    """One row per model, the same first ``limit`` cases in each column (their first draw)."""
     from trainer.evaluate.sampling import make_grid
 
+    rows = [r for r in rows if int(r.get("draw", 0)) == 0]
     case_ids = list(dict.fromkeys(r["case_id"] for r in rows))[:limit]
     by_key = {(r["model"], r["case_id"]): r for r in rows}
     images, labels = [], []
@@ -114,7 +116,8 @@ def write_report(config: EvalConfig, models: list[dict[str, Any]], rows: list[di
             record = {k: v for k, v in r.items() if k not in ("png", "verdict", "details")}
             record["verdict"] = json.loads(r["verdict"])
             record["details"] = json.loads(r["details"])
-            record["image"] = f"images/{model}/{bench}/{r['case_id']}.png"
+            draw = int(r.get("draw", 0))
+            record["image"] = f"images/{model}/{bench}/{r['case_id']}{f'-d{draw}' if draw else ''}.png"
             lines.append(json.dumps(record, sort_keys=True))
             storage.write_bytes_atomic(storage.join(output, record["image"]), r["png"], options)
         storage.write_bytes_atomic(storage.join(output, "cases", model, f"{bench}.jsonl"),

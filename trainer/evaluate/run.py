@@ -53,11 +53,12 @@ def plan_items(config: EvalConfig, models: list[dict[str, Any]]) -> list[dict[st
             cap = config.teacher_cases_per_category
         for bench in config.benches:
             cases = load_bench(bench)
-            ids = []
+            draws = []
             for category in dict.fromkeys(c.category for c in cases):
-                ids += [c.id for c in cases if c.category == category][:cap]
-            for start in range(0, len(ids), config.batch_size):
-                items.append({"model": model, "bench": bench, "case_ids": ids[start:start + config.batch_size],
+                ids = [c.id for c in cases if c.category == category][:cap]
+                draws += [[case_id, draw] for draw in range(config.seeds_per_case) for case_id in ids]
+            for start in range(0, len(draws), config.batch_size):
+                items.append({"model": model, "bench": bench, "draws": draws[start:start + config.batch_size],
                               "resolution": config.resolution})
     return items
 
@@ -87,12 +88,16 @@ class EvalWorker:
             self.models[path] = QwenImageAdapter.load(path, storage=self.storage)
         return self.models[path]
 
-    def _case(self, bench: str, case_id: str):
+    def _case(self, bench: str, case_id: str, draw: int):
+        import dataclasses
+
         from fewstep.bench.benches import load_bench
+        from trainer.evaluate.sampling import draw_seed
 
         if bench not in self.cases:
             self.cases[bench] = {c.id: c for c in load_bench(bench)}
-        return self.cases[bench][case_id]
+        case = self.cases[bench][case_id]
+        return case if draw == 0 else dataclasses.replace(case, seed=draw_seed(case.seed, draw))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         from trainer.evaluate.judging import judge_case
@@ -103,7 +108,8 @@ class EvalWorker:
             item = json.loads(raw)
             model = item["model"]
             ad = self._adapter(model)
-            cases = [self._case(item["bench"], cid) for cid in item["case_ids"]]
+            draws = [int(draw) for _, draw in item["draws"]]
+            cases = [self._case(item["bench"], cid, draw) for cid, draw in item["draws"]]
             resolution = item["resolution"] or ad.resolution or cases[0].resolution
             inputs = prepare_cases(ad, cases, resolution)
             key = f"{model['path']}|{item['bench']}"
@@ -115,7 +121,7 @@ class EvalWorker:
                                   guidance_scale=model["guidance_scale"], shift=model["shift"],
                                   batch_size=len(cases))
             n = len(cases)
-            for index, (case, image) in enumerate(zip(cases, result.images)):
+            for index, (case, draw, image) in enumerate(zip(cases, draws, result.images)):
                 start = time.perf_counter()
                 source = inputs.sources[index] if inputs.sources else None
                 judged = judge_case(self.judge, case, image, source)
@@ -124,7 +130,7 @@ class EvalWorker:
                     "model": model["name"], "role": model["role"], "nfe": model["nfe"],
                     "guidance_scale": model["guidance_scale"], "bench": item["bench"],
                     "task": case.task, "category": case.category, "case_id": case.id,
-                    "prompt": case.prompt, "seed": case.seed, "score": judged["score"],
+                    "prompt": case.prompt, "seed": case.seed, "draw": draw, "score": judged["score"],
                     "verdict": json.dumps(judged["verdict"]), "details": json.dumps(judged["details"]),
                     "png": _png(image), "encode_s": inputs.encode_s / n, "sample_s": result.sample_s / n,
                     "decode_s": result.decode_s / n, "judge_s": judge_s,
@@ -157,7 +163,7 @@ def run_eval(config: EvalConfig, output: str, storage: StorageOptions | None = N
 
     models = [resolve_model(m, storage) for m in config.models]
     items = plan_items(config, models)
-    total = sum(len(i["case_ids"]) for i in items)
+    total = sum(len(i["draws"]) for i in items)
     threads = config.threads_per_actor or max(1, (os.cpu_count() or 1) // config.actors)
     log.info("eval: %d models x %s: %d images in %d work items, %d actor(s) x %d threads",
              len(models), config.benches, total, len(items), config.actors, threads)

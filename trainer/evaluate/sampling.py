@@ -47,6 +47,14 @@ class CaseInputs:
             None if self.sources is None else self.sources[index], self.encode_s)
 
 
+SEED_STRIDE = 1_000_003  # a prime far above the spacing of nearby case seeds
+
+
+def draw_seed(case_seed: int, draw: int) -> int:
+    """The sampling seed of a case's ``draw``-th draw; draw 0 is the case's own seed."""
+    return int(case_seed) + int(draw) * SEED_STRIDE
+
+
 def case_noise(seed: int, channels: int, h: int, w: int) -> torch.Tensor:
     """The initial noise of one case, drawn like ``QwenImagePipeline`` with ``generator=seed``."""
     generator = torch.Generator("cpu").manual_seed(int(seed))

@@ -2,7 +2,7 @@
 
 Collapse to noise or flat colour is the failure practitioners of DMD report most, and it
 happens during training. Every ``validation.every`` steps the student samples a few fixed
-bench cases (its own ``student_steps`` NFE, no CFG, the cases' own seeds), the bench judge
+validation-bench cases (its own ``student_steps`` NFE, no CFG, the cases' own seeds), the bench judge
 scores them, and the metrics (``val_score``, ``val_score_<category>``, ``val_pixel_std``,
 ``val_diversity``, ``val_border_mode_share``) go into the run's metrics next to the losses; rank 0 also writes a grid
 to ``<run>/validation/step-<N>.png``.
@@ -22,6 +22,7 @@ from pydantic import Field
 
 from fewstep import storage
 from fewstep.config import StrictModel
+from trainer.evaluate.config import BenchName
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,11 @@ log = logging.getLogger(__name__)
 class ValidationConfig(StrictModel):
     every: int = Field(0, ge=0, description="Validate every N steps (and at steps 0 and the last); "
                        "0 disables.")
-    benches: list[str] = Field(["t2i-bench-mini"], min_length=1, description="Benches the validation cases "
-                               "come from (add editing-bench-mini to watch the edit task too).")
+    benches: list[BenchName] = Field(
+        ["t2i-bench-val"], min_length=1,
+        description="Benches the validation cases come from. The *-bench-val benches share no case "
+        "with the reported mini benches, so a checkpoint chosen on them is not chosen on the test "
+        "set; add editing-bench-val to watch the edit task too.")
     cases_per_category: int = Field(2, ge=1, description="First N cases of each category.")
     judge: str = Field("offline", description="Bench judge name (see fewstep.bench.judges).")
     resolution: int | None = Field(None, ge=8, description="Sampling size (default: the teacher's).")

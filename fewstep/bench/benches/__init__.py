@@ -1,9 +1,14 @@
-"""The mini benches: versioned JSONL files of fixed cases, and their loader.
+"""The benches: versioned JSONL files of fixed cases, and their loader.
 
 ``t2i-bench-mini``: 3 T2I categories x 20 cases. ``editing-bench-mini``: 6 edit
 categories x 10 cases. Each case holds a held-out combination of known subjects and
 attributes (``world.is_reserved``), so no corpus record shares its id, prompt or
 combination.
+
+``t2i-bench-val`` and ``editing-bench-val`` are validation benches of the same shape, drawn
+from the same held-out pool with their own seed stream and no combination in common with the
+mini benches. Watch a run and choose a recipe or a checkpoint on them, then report the mini
+benches once: choosing on the benches you report would select on the test set.
 
 File format (``data/<name>.v<version>.jsonl``, one case per line)::
 
@@ -51,6 +56,12 @@ class BenchSpec:
     categories: tuple[str, ...]
     per_category: int
     id_prefix: str
+    stream: int = 0  # seed stream of the generator; 0 is the mini benches' (kept as published)
+    validates: str | None = None  # the test bench a validation bench must not overlap
+
+    @property
+    def is_validation(self) -> bool:
+        return self.validates is not None
 
     @property
     def filename(self) -> str:
@@ -64,7 +75,13 @@ class BenchSpec:
 BENCHES: dict[str, BenchSpec] = {
     "t2i-bench-mini": BenchSpec("t2i-bench-mini", "t2i", 1, world.T2I_CATEGORIES, 20, "t2ib"),
     "editing-bench-mini": BenchSpec("editing-bench-mini", "edit", 1, world.EDIT_CATEGORIES, 10, "editb"),
+    "t2i-bench-val": BenchSpec("t2i-bench-val", "t2i", 1, world.T2I_CATEGORIES, 20, "t2iv",
+                               stream=1, validates="t2i-bench-mini"),
+    "editing-bench-val": BenchSpec("editing-bench-val", "edit", 1, world.EDIT_CATEGORIES, 10, "editv",
+                                   stream=1, validates="editing-bench-mini"),
 }
+TEST_BENCHES = tuple(name for name, spec in BENCHES.items() if not spec.is_validation)
+VALIDATION_BENCHES = tuple(name for name, spec in BENCHES.items() if spec.is_validation)
 
 
 class BenchError(ValueError):

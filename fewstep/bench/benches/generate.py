@@ -1,10 +1,11 @@
-"""Regenerate the mini bench files from the world's hold-out rule.
+"""Regenerate the bench files (mini and validation) from the world's hold-out rule.
 
     python -m fewstep.bench.benches.generate [--check]
 
 Cases are drawn with a fixed seed and kept only when their combination is reserved
 (``world.is_reserved``), so the corpus, which skips reserved combinations, never holds
-them. ``--check`` compares the generated cases with the committed files and exits 1 on
+them. A validation bench draws from its own seed stream and skips every combination of the
+test bench it validates. ``--check`` compares the generated cases with the committed files and exits 1 on
 any difference: change the world, bump ``BenchSpec.version`` in ``__init__.py`` and
 regenerate, never edit a published version in place.
 """
@@ -30,11 +31,18 @@ def _sha(image) -> str:
     return hashlib.sha256(world.png_bytes(image)).hexdigest()
 
 
+def case_key(case: BenchCase) -> tuple:
+    """The held-out combination a case states (two cases with one key share their text)."""
+    return world.combo_key(case.meta) if case.task == "t2i" else world.edit_key(case.meta)
+
+
 def generate_cases(spec: BenchSpec, resolution: int = BENCH_RESOLUTION) -> list[BenchCase]:
     cases: list[BenchCase] = []
+    taken = {case_key(c) for c in generate_cases(BENCHES[spec.validates], resolution)} if spec.validates else set()
     for ci, category in enumerate(spec.categories):
-        rng = np.random.default_rng([BENCH_SEED, spec.version, 0 if spec.task == "t2i" else 1, ci])
-        seen: set = set()
+        entropy = [BENCH_SEED, spec.version, 0 if spec.task == "t2i" else 1, ci] + ([spec.stream] if spec.stream else [])
+        rng = np.random.default_rng(entropy)
+        seen: set = set(taken)
         tries = 0
         while sum(c.category == category for c in cases) < spec.per_category:
             tries += 1
