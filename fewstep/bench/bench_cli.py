@@ -7,7 +7,11 @@ from pathlib import Path
 
 import typer
 
-bench_app = typer.Typer(help="Mini benches and offline judges.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benches (mini: reported; val: for choosing) and offline judges.",
+                        no_args_is_help=True)
+
+BENCH_HELP = ("t2i-bench-mini or editing-bench-mini (the reported benches), or t2i-bench-val or "
+              "editing-bench-val (same shape, no case in common: choose recipes and checkpoints there)")
 
 JUDGE_HELP = ("offline (default: shipped recogniser + OCR + feature/noise measures, deterministic) or vlm "
               "(an OpenAI-compatible chat endpoint; needs --vlm-config)")
@@ -54,7 +58,7 @@ def _open_image(path: str, what: str):
 
 @bench_app.command("judge")
 def judge_cmd(
-    bench: str = typer.Option(..., "--bench", help="t2i-bench-mini or editing-bench-mini"),
+    bench: str = typer.Option(..., "--bench", help=BENCH_HELP),
     case: str = typer.Option(..., "--case", help="case id, e.g. t2ib-portrait-000"),
     image: str = typer.Option(..., "--image", help="generated image (T2I) or edited output (path or URI)"),
     judge: str = typer.Option("offline", "--judge", help=JUDGE_HELP),
@@ -96,7 +100,7 @@ def judge_cmd(
 
 @bench_app.command("score")
 def score_cmd(
-    bench: str = typer.Option(..., "--bench", help="t2i-bench-mini or editing-bench-mini"),
+    bench: str = typer.Option(..., "--bench", help=BENCH_HELP),
     images: str = typer.Option(..., "--images", help="directory URI with <case_id>.png per case "
                                                       "(editing: the edited outputs)"),
     out: str = typer.Option(..., "--out", help="directory URI for cases.jsonl, scores.json, scores.md"),

@@ -51,7 +51,7 @@ def build(
 
 @corpus_app.command("bench-refs")
 def bench_refs(
-    bench: str = typer.Option(..., "--bench", help="t2i-bench-mini or editing-bench-mini."),
+    bench: str = typer.Option(..., "--bench", help="t2i-bench-mini, editing-bench-mini, t2i-bench-val or editing-bench-val."),
     out: str = typer.Option(..., "--out", help="Output directory URI."),
     resolution: int = typer.Option(None, "--resolution", help="Default: the bench's own (64)."),
     sources: bool = typer.Option(False, "--sources/--no-sources",

@@ -27,6 +27,15 @@ def test_shipped_distill_configs_validate(path):
     assert objective.table().num_steps == 4
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "eval").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_eval_configs_validate(path):
+    from fewstep.config import load_config
+    from trainer.evaluate.config import EvalConfig
+
+    cfg = load_config(EvalConfig, path)
+    assert cfg.models and cfg.benches
+
+
 def test_shipped_eval_and_demo_configs_validate():
     from fewstep.config import load_config
     from trainer.demo import load_demo_config
