@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -31,6 +31,10 @@ class MixtureConfig(StrictModel):
     """T2I:edit ratio, e.g. ``{t2i: 7, edit: 3}``; a task with weight 0 is never served."""
 
     ratio: dict[str, float] = Field(default_factory=lambda: {"t2i": 1.0, "edit": 0.0})
+    counts_from: Literal["run", "resume"] = Field(
+        "run", description="'run': the served counts carry over a resume, so the ratio holds over "
+        "the whole run (a resumed run with a new ratio steers the cumulative counts towards it); "
+        "'resume': a resumed run counts afresh, so a phase with a new ratio serves it from its first step.")
 
     @field_validator("ratio")
     @classmethod

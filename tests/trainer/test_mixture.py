@@ -103,3 +103,39 @@ def test_scheduler_with_ranks_that_hold_one_task_each():
     assert skewed.off_target_steps == 1 and skewed.shares() == {"t2i": 0.5, "edit": 0.5}
     # A rank with nothing ready cannot be served, strict or not.
     assert skewed.assign([set(), {"t2i"}], strict=False) is None
+
+
+def _resumed_dmd(ratio: dict[str, int], counts_from: str, served: dict[str, int]):
+    from fewstep.config import parse_config
+    from trainer.objectives.dmd import DMDConfig, DMDObjective
+
+    cfg = parse_config(DMDConfig, {"guidance": {"teachers": [{"name": "base", "path": "/teachers/base"}],
+                                                "preset": "base"},
+                                   "mixture": {"ratio": ratio, "counts_from": counts_from}})
+    objective = DMDObjective(cfg, env=None)
+    objective.load_state_dict({"mixture_served": served, "mixture_off_target_steps": 3})
+    return objective
+
+
+def test_a_resume_keeps_the_runs_counts_unless_told_to_count_afresh(caplog):
+    """After 7:3, a resumed 9:1 phase serves only T2I until the whole run reaches 9:1 (counts
+    from the run), or serves 9:1 from its first step (counts from the resume)."""
+    served = {"t2i": 700, "edit": 300}
+    with caplog.at_level("WARNING", logger="trainer.objectives.dmd"):
+        whole_run = _resumed_dmd({"t2i": 9, "edit": 1}, "run", served)._make_mixer(world_size=2)
+    assert whole_run.served == served and whole_run.off_target_steps == 3
+    assert "steer towards the new ratio" in caplog.text
+    for _ in range(50):
+        whole_run.commit(whole_run.assign([{"t2i", "edit"}] * 2))
+    assert whole_run.served == {"t2i": 800, "edit": 300}
+
+    phase = _resumed_dmd({"t2i": 9, "edit": 1}, "resume", served)._make_mixer(world_size=2)
+    assert phase.served == {"t2i": 0, "edit": 0} and phase.off_target_steps == 0
+    for _ in range(50):
+        phase.commit(phase.assign([{"t2i", "edit"}] * 2))
+    assert phase.served == {"t2i": 90, "edit": 10}
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trainer.objectives.dmd"):
+        same = _resumed_dmd({"t2i": 7, "edit": 3}, "run", served)._make_mixer(world_size=2)
+    assert same.served == served and "steer" not in caplog.text

@@ -186,9 +186,7 @@ class DMDObjective(Objective):
             self.buffer = TaskBuffer(batch_size, self.cfg.buffer_batches * batch_size)
             self.buffer.seen.update(self._restored.get("buffer_seen", {}))
             self.buffer.dropped.update(self._restored.get("buffer_dropped", {}))
-            self.mixer = MixtureScheduler(self.cfg.mixture.fractions(), state.world_size,
-                                          self._restored.get("mixture_served"))
-            self.mixer.off_target_steps = int(self._restored.get("mixture_off_target_steps", 0))
+            self.mixer = self._make_mixer(state.world_size)
         self.buffer.push(block)
         tasks = sorted(self.mixer.fractions)
         # Strict (exact ratio) for a few pulls; then the closest the ranks' data allow.
@@ -211,6 +209,25 @@ class DMDObjective(Objective):
         return decode_rows(self.buffer.pop(assignment[state.rank]), state.device)
 
     # ------------------------------------------------------------------ networks
+    def _make_mixer(self, world_size: int) -> MixtureScheduler:
+        """The mixture scheduler, with the served counts of a resumed run unless
+        ``mixture.counts_from`` is ``resume``."""
+        fractions = self.cfg.mixture.fractions()
+        served = self._restored.get("mixture_served")
+        if served and self.cfg.mixture.counts_from == "resume":
+            log.info("mixture: counting afresh from the resume (the run had served %s)", served)
+            served = None
+        elif served:
+            shares = {t: c / max(sum(served.values()), 1) for t, c in served.items()}
+            if any(abs(shares.get(t, 0.0) - f) > 0.05 for t, f in fractions.items()):
+                log.warning("mixture: resumed with ratio %s but the run so far served %s; the cumulative "
+                            "counts now steer towards the new ratio (mixture.counts_from: resume serves it "
+                            "from this step on)", self.cfg.mixture.ratio, served)
+        mixer = MixtureScheduler(fractions, world_size, served)
+        if served:
+            mixer.off_target_steps = int(self._restored.get("mixture_off_target_steps", 0))
+        return mixer
+
     def _velocity(self, handle, batch: DMDBatch, state: TrainState):
         ad, cond, source = self.adapter, batch.cond, batch.source_latents
 
