@@ -33,7 +33,7 @@ from fewstep.bench.world import EDIT_CATEGORIES, T2I_CATEGORIES
 from fewstep.config import StrictModel
 from fewstep.models.saved import SavedModel
 from trainer.guidance import GuidanceConfig, LambdaTable
-from trainer.mixture import MixtureConfig, MixtureError, MixtureScheduler
+from trainer.mixture import MixtureConfig, MixtureError, MixtureScheduler, achieved_ratio
 from trainer.objectives import dmd_math as M
 from trainer.objectives.base import ModelSpec, Objective, ObjectiveEnv, OptimizerConfig, TrainState
 from trainer.objectives.dmd_data import (
@@ -218,7 +218,7 @@ class DMDObjective(Objective):
             log.info("mixture: counting afresh from the resume (the run had served %s)", served)
             served = None
         elif served:
-            shares = {t: c / max(sum(served.values()), 1) for t, c in served.items()}
+            shares = achieved_ratio(served)
             if any(abs(shares.get(t, 0.0) - f) > 0.05 for t, f in fractions.items()):
                 log.warning("mixture: resumed with ratio %s but the run so far served %s; the cumulative "
                             "counts now steer towards the new ratio (mixture.counts_from: resume serves it "

@@ -80,8 +80,6 @@ BENCHES: dict[str, BenchSpec] = {
     "editing-bench-val": BenchSpec("editing-bench-val", "edit", 1, world.EDIT_CATEGORIES, 10, "editv",
                                    stream=1, validates="editing-bench-mini"),
 }
-TEST_BENCHES = tuple(name for name, spec in BENCHES.items() if not spec.is_validation)
-VALIDATION_BENCHES = tuple(name for name, spec in BENCHES.items() if spec.is_validation)
 
 
 class BenchError(ValueError):
