@@ -99,6 +99,10 @@ def main() -> None:
     parser.add_argument("--dmd-minutes", type=float, default=0.28, help="DMD budget, fraction of --minutes")
     parser.add_argument("--batch", type=int, default=256, help="teacher rows per step")
     parser.add_argument("--lr", type=float, default=8e-4, help="teacher learning rate")
+    parser.add_argument("--text-batch", type=int, default=None,
+                        help="text specialist rows per step (default: --batch)")
+    parser.add_argument("--text-lr", type=float, default=None,
+                        help="text specialist learning rate (default: --lr / 4)")
     parser.add_argument("--dmd-batch", type=int, default=32)
     parser.add_argument("--judge", default="offline",
                         help="bench judge of the sampling benchmark; 'none' times only (the offline "
@@ -148,7 +152,8 @@ def main() -> None:
         if sum(args.text_minutes) > 0:
             stable, decay = (f * minutes for f in args.text_minutes)
             text = _annealed("text-specialist.yaml", "text", common, base, clock, stable, decay, runs,
-                             {"objective.optimizer.lr": args.lr / 4})
+                             {"objective.optimizer.lr": args.text_lr or args.lr / 4,
+                              "train.batch_size": args.text_batch or args.batch})
             timings["text_s"] = clock.elapsed_s() - t
             done["text-specialist"] = _export(text, work, out, "text-specialist")
 
