@@ -92,6 +92,7 @@ def test_student_moved_and_exported(run, world):
     assert all(math.isfinite(d) for d in diffs)
     meta = json.loads((Path(result.final_uri) / "fewstep_model.json").read_text())
     assert meta["role"] == "student" and meta["num_steps"] == 4
+    assert meta["trained_steps"] == STEPS  # the student's updates, not the base teacher's
     assert meta["lambda_table"]["tables"]["text"][1] == [0.0, 1.0]
 
 
