@@ -38,11 +38,13 @@ def export_student(
     num_steps: int,
     shift: float,
     storage: StorageOptions | None = None,
+    trained_steps: int | None = None,
     extra_meta: dict[str, Any] | None = None,
 ) -> str:
     """Write ``out_uri`` (local or s3://): student transformer + ``base_uri``'s other parts.
 
-    The student is saved in float32 (a bf16 or GPU module is copied first, so the caller's
+    ``trained_steps`` is the student's own count (None when unknown): the base teacher's is never
+    carried over. The student is saved in float32 (a bf16 or GPU module is copied first, so the caller's
     module is left untouched). Returns the URI written.
     """
     from fewstep.models.adapter import QwenImageAdapter
@@ -59,6 +61,7 @@ def export_student(
         "num_steps": int(num_steps),
         "true_cfg_scale": 1.0,
         "base_teacher": str(base_uri),
+        "trained_steps": trained_steps,
         **(extra_meta or {}),
     }
     uri = base.save_pipeline(out_uri, transformer=transformer, scheduler_shift=float(shift),

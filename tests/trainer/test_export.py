@@ -4,6 +4,8 @@ sample with num_inference_steps=4, true_cfg_scale=1 (the student's own schedule)
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,8 @@ def exported(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("export")
     teacher = tiny_teacher(root)
+    meta_file = Path(teacher) / "fewstep_model.json"  # a trained base says how long it trained
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "trained_steps": 123}))
     ad = QwenImageAdapter.load(teacher)
     student = copy.deepcopy(ad.transformer)
     with torch.no_grad():  # a student that differs from the teacher
@@ -72,3 +76,9 @@ def test_metadata_tells_eval_how_to_sample(exported):
     ad, _, out = exported
     assert default_sampling(out) == {"role": "student", "num_steps": 4, "shift": 3.0, "cfg": 1.0}
     assert default_sampling(str(ad.source.uri))["role"] == "teacher"
+
+
+def test_student_does_not_inherit_the_teachers_step_count(exported):
+    _, _, out = exported
+    meta = json.loads((Path(out) / "fewstep_model.json").read_text())
+    assert meta["trained_steps"] is None  # unknown here; never the base's 123

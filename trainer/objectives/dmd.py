@@ -372,10 +372,8 @@ class DMDObjective(Objective):
 
         export_student(state.models["student"].module, self.cfg.base_uri(), str(out_dir),
                        num_steps=self.cfg.student_steps, shift=self.cfg.student_shift,
-                       storage=self.env.storage,
-                       # The base's own trained_steps would otherwise be inherited.
-                       extra_meta={"trained_steps": state.step,
-                                   "teachers": [t.name for t in self.cfg.guidance.teachers],
+                       storage=self.env.storage, trained_steps=state.step,
+                       extra_meta={"teachers": [t.name for t in self.cfg.guidance.teachers],
                                    "lambda_table": self.table.to_dict(),
                                    "mixture": self.cfg.mixture.fractions()})
 
