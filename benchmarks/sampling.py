@@ -55,6 +55,29 @@ def measure(adapter, inputs, *, nfe: int, cfg: float, shift: float, batch_size: 
     return best
 
 
+def call_costs(adapter, inputs, *, batch_size: int, repeats: int = 10) -> dict:
+    """Seconds per network call (per sample) of a conditional and of an unconditional forward
+    pass, timed apart on one batch of the cases, interleaved so that drift hits both alike. The
+    empty prompt is a few tokens long, so an unconditional call is cheaper than a conditional
+    one; a CFG teacher makes both kinds, a student only conditional ones."""
+    import torch
+
+    part = inputs.select(slice(0, batch_size))
+    n = len(part)
+    t = torch.full((n,), 0.5)
+    kinds = {"cond": part.cond, "uncond": part.uncond}
+    spent = dict.fromkeys(kinds, 0.0)
+    with torch.no_grad():
+        for embeds in kinds.values():  # warm-up
+            adapter.predict_velocity(adapter.transformer, part.noise, t, embeds, part.source_latents)
+        for _ in range(repeats):
+            for kind, embeds in kinds.items():
+                start = time.perf_counter()
+                adapter.predict_velocity(adapter.transformer, part.noise, t, embeds, part.source_latents)
+                spent[kind] += time.perf_counter() - start
+    return {kind: seconds / (repeats * n) for kind, seconds in spent.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default=str(REPO / "assets" / "teachers" / "base"))
@@ -117,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             run["score"] = float(np.mean(scores))
         run.pop("images")
         run.update({"nfe": nfe, "guidance_scale": cfg, "path": path})
+        if name == "teacher":
+            run["call_costs"] = call_costs(ad, inputs, batch_size=args.batch_size)
         results[name] = run
         del ad
 
@@ -126,9 +151,21 @@ def main(argv: list[str] | None = None) -> int:
     per_call = t["sample_s"] / t["network_calls"]  # seconds per network call, from the long run
     fixed = (t["encode_s"] + t["decode_s"] + s["encode_s"] + s["decode_s"]) / 2
     bound = (fixed + t["network_calls"] * per_call) / (fixed + s["network_calls"] * per_call)
+    # The same bound with each kind of call at its own cost: a CFG teacher makes one conditional
+    # and one unconditional call per step, the student conditional calls only. The timed-apart
+    # costs give the ratio of the two; the teacher's own run gives their level.
+    costs = t["call_costs"]
+    uncond_share = costs["uncond"] / costs["cond"]
+    steps = t["network_calls"] / 2 if t["guidance_scale"] > 1 else t["network_calls"]
+    extra = uncond_share if t["guidance_scale"] > 1 else 0.0
+    cond_call = t["sample_s"] / (steps * (1 + extra))
+    bound_by_kind = (fixed + t["sample_s"]) / (fixed + s["network_calls"] * cond_call)
     summary = {
         "speedup": speedup, "network_call_ratio": call_ratio, "seconds_per_call": per_call,
         "fixed_seconds_per_image": fixed, "bound": bound, "fraction_of_bound": speedup / bound,
+        "seconds_per_cond_call": costs["cond"], "seconds_per_uncond_call": costs["uncond"],
+        "uncond_to_cond_call_cost": uncond_share, "seconds_per_cond_call_in_run": cond_call,
+        "bound_by_call_kind": bound_by_kind, "fraction_of_bound_by_call_kind": speedup / bound_by_kind,
         "score_ratio": (s["score"] / t["score"]) if "score" in s and t.get("score") else None,
         "models": results, "bench": args.bench, "cases": len(chosen), "batch_size": args.batch_size,
         "device": args.device, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
@@ -172,6 +209,13 @@ def render(summary: dict, args) -> str:
         f"per call; fixed cost (encode + decode) {summary['fixed_seconds_per_image'] * 1000:.1f} ms per image. "
         f"Bound those allow: **{summary['bound']:.1f}x**; reached **{100 * summary['fraction_of_bound']:.0f}%** "
         "of it (goal >= 90%).",
+        f"- Calls timed apart (batch {summary['batch_size']}, interleaved): conditional "
+        f"{summary['seconds_per_cond_call'] * 1000:.2f} ms, unconditional (the empty prompt, a few tokens) "
+        f"{summary['seconds_per_uncond_call'] * 1000:.2f} ms per sample "
+        f"({summary['uncond_to_cond_call_cost']:.2f}x). The teacher makes one of each per step, the student "
+        "conditional calls only; split in that proportion, the teacher's run puts a conditional call at "
+        f"{summary['seconds_per_cond_call_in_run'] * 1000:.2f} ms. Bound with each kind at its own cost: "
+        f"**{summary['bound_by_call_kind']:.1f}x**, reached **{100 * summary['fraction_of_bound_by_call_kind']:.0f}%**.",
     ]
     if summary["score_ratio"] is not None:
         lines.append(f"- Score ratio student / teacher on `{summary['bench']}`: **{summary['score_ratio']:.2f}**.")
