@@ -37,6 +37,10 @@ from pipelines.curate.tagging import TagRows
 
 log = logging.getLogger(__name__)
 
+# Rows per task of the narrow projection: enough to amortise a task's scheduling on small
+# machines, few enough that a task never pulls much image data onto one node.
+NARROW_ROWS_PER_TASK = 1024
+
 NARROW = ["order", "id", "task", "prompt", "category", "input", "image_sha", "image_phash", "image_thumb",
           "source_sha", "source_phash", "source_thumb", "stage", "reason", "detail"]
 
@@ -68,8 +72,8 @@ def _select(table, columns: list[str]):
 
 def _collect(ds, columns: list[str], rows_per_task: int) -> list[dict]:
     """The narrow columns of every row, on the driver. One task per ``rows_per_task`` rows: the
-    materialised blocks are small (a model batch each), and a task per block cost seconds of
-    scheduling on 2 cores for a projection that takes milliseconds."""
+    materialised blocks are small (a model batch each), and a task per block cost a second of
+    scheduling at 3000 rows on 2 cores for a projection that takes milliseconds."""
     rows: list[dict] = []
     narrow = ds.map_batches(_select, fn_kwargs={"columns": columns}, batch_format="pyarrow",
                             batch_size=rows_per_task, zero_copy_batch=True, num_cpus=0.25)
@@ -142,7 +146,7 @@ def _run(cfg: CurateConfig, inputs: list[str], output: str, options: StorageOpti
         stage_a = build_stream(cfg, files, options).materialize()
         log.info("filters, captions and tags done in %.1fs", time.time() - started)
         mark = time.time()
-        narrow = _collect(stage_a, NARROW, cfg.ray.rows_per_part)
+        narrow = _collect(stage_a, NARROW, NARROW_ROWS_PER_TASK)
         rejects, selection, plan, position = _decide(narrow, cfg, known)
         log.info("global decisions on %d rows (duplicates, composition) in %.1fs", len(narrow), time.time() - mark)
         mark = time.time()
