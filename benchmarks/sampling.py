@@ -156,9 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     # costs give the ratio of the two; the teacher's own run gives their level.
     costs = t["call_costs"]
     uncond_share = costs["uncond"] / costs["cond"]
-    steps = t["network_calls"] / 2 if t["guidance_scale"] > 1 else t["network_calls"]
-    extra = uncond_share if t["guidance_scale"] > 1 else 0.0
-    cond_call = t["sample_s"] / (steps * (1 + extra))
+    uncond_calls = t["network_calls"] / 2 if t["guidance_scale"] > 1 else 0.0
+    cond_call = t["sample_s"] / (t["network_calls"] - uncond_calls + uncond_calls * uncond_share)
     bound_by_kind = (fixed + t["sample_s"]) / (fixed + s["network_calls"] * cond_call)
     summary = {
         "speedup": speedup, "network_call_ratio": call_ratio, "seconds_per_call": per_call,
