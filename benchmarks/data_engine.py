@@ -103,7 +103,7 @@ def bare_curate(cfg, inputs: list[str], out: Path, threads: int) -> dict:
     from pipelines.curate import write
     from pipelines.curate.captioning import CaptionRows
     from pipelines.curate.dedup import find_duplicates
-    from pipelines.curate.nsfw import NsfwFilter
+    from pipelines.curate.nsfw import NsfwFilter, nsfw_inputs_op
     from pipelines.curate.operators import images_op, text_after_caption_op, text_before_caption_op
     from pipelines.curate.read import iter_file_rows, list_inputs
     from pipelines.curate.rebalance import select
@@ -122,7 +122,7 @@ def bare_curate(cfg, inputs: list[str], out: Path, threads: int) -> dict:
         table = images_op(table, limits=cfg.filters.image, identical_pair=cfg.filters.edit_identical_pair)
         table = text_before_caption_op(table, text=cfg.filters.text, captioning=cfg.captioning)
         if nsfw is not None:
-            table = nsfw(table)
+            table = nsfw(nsfw_inputs_op(table))
         if caption is not None:
             table = caption(table)
         table = text_after_caption_op(table, text=cfg.filters.text)

