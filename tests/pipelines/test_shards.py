@@ -110,6 +110,21 @@ def test_collate_pads_and_round_trips(tmp_path, dtype):
     assert t2i_only.negative_embeds is None and t2i_only.source_latents is None
 
 
+def test_select_picks_rows_of_a_collated_batch(tmp_path):
+    """The local device cache collates every row once, then selects each batch from it."""
+    import pyarrow.parquet as pq
+
+    expected = write_shards(str(tmp_path), n_rows=12, rows_per_shard=12)
+    everything = collate_shard_rows(pq.read_table(tmp_path / "shards" / "part-00000.parquet"))
+    index = np.array([7, 0, 3, 3, 11])
+    picked = everything.select(index)
+    assert picked.ids == [everything.ids[i] for i in index] and len(picked) == 5
+    assert torch.equal(picked.latents, everything.latents[torch.as_tensor(index)])
+    _check_batch(picked, expected)  # each row still holds its own arrays, padding and flags
+    assert collate_shard_rows(picked) is not picked  # passed through (moved), not re-decoded
+    assert torch.equal(collate_shard_rows(picked).prompt_embeds, picked.prompt_embeds)
+
+
 def test_read_shards_streams_on_workers(ray_cluster, tmp_path):
     """streaming_split into two Ray tasks (as Ray Train does): each row once, no driver copy."""
     import ray

@@ -225,3 +225,41 @@ def test_local_run_lowers_loss_exports_and_resumes(world, tmp_path):
     again = launch(TrainConfig.model_validate(raw2))
     assert again.metrics["step"] == 50 and again.metrics["resumed_from"] == 40
     assert [r["step"] for r in read_metrics(result.run_uri)] == list(range(5, 51, 5))
+
+
+def test_device_cache_trains_exactly_as_decoding_each_batch(world, tmp_path, caplog):
+    """``data.device_cache_mb``: rows decoded once and selected per step give the same run."""
+    import logging
+
+    from trainer.runtime.config import TrainConfig
+    from trainer.runtime.launch import launch
+    from trainer.runtime.metrics import read_metrics
+
+    pipeline, shards = world
+
+    def run(name: str, cache_mb: float) -> list[dict]:
+        raw = {
+            "run": {"name": name, "runs_dir": str(tmp_path / "runs")},
+            "launcher": "local", "device": "cpu", "deepspeed": {"enabled": False},
+            "train": {"max_steps": 12, "batch_size": 8, "log_every": 1, "checkpoint_every": 100,
+                      "progress": False, "export": False},
+            "data": {"uri": shards, "device_cache_mb": cache_mb},
+            "objective": {"name": "flow_matching", "init": {"from": "pretrained", "path": pipeline},
+                          "optimizer": {"lr": 2e-3}, "caption_dropout": 0.3},
+        }
+        return read_metrics(launch(TrainConfig.model_validate(raw)).run_uri)
+
+    with caplog.at_level(logging.INFO, logger="trainer.runtime.data"):
+        cached = run("fm-cached", 512)
+    assert "decoded once" in caplog.text
+    decoded = run("fm-decoded", 0)
+    assert len(cached) == len(decoded) == 12
+    for a, b in zip(cached, decoded):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), (a["step"], a["loss"], b["loss"])
+
+    # Over the limit: a clear log line, and batches are decoded each step as before.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainer.runtime.data"):
+        small = run("fm-over-limit", 1e-4)
+    assert "over data.device_cache_mb" in caplog.text
+    assert [r["loss"] for r in small] == pytest.approx([r["loss"] for r in decoded], rel=1e-5, abs=1e-7)

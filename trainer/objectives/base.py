@@ -240,6 +240,9 @@ class Objective(ABC):
     data_kind: ClassVar[str] = "shards"
     # Columns the objective needs (None: all). Saves reading image bytes it never uses.
     columns: ClassVar[tuple[str, ...] | None] = None
+    # Whether ``collate`` of the whole dataset gives a batch with ``select(index)`` and ``len``,
+    # and ``collate`` passes such a batch through (the local launcher's ``data.device_cache_mb``).
+    selectable_batches: ClassVar[bool] = False
     # Metrics shown beside the progress bar (their latest logged values).
     progress_keys: ClassVar[tuple[str, ...]] = DEFAULT_PROGRESS_KEYS
 

@@ -83,6 +83,7 @@ class FlowMatchingObjective(Objective):
     name = "flow_matching"
     Config = FlowMatchingConfig
     data_kind = "shards"
+    selectable_batches = True  # ShardBatch.select; collate_shard_rows passes a ShardBatch through
 
     def __init__(self, config: FlowMatchingConfig, env: ObjectiveEnv):
         super().__init__(config, env)

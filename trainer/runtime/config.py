@@ -76,6 +76,12 @@ class DataSection(StrictModel):
     cache_mb: float = Field(
         1024, ge=0, description="Ray launcher: after the first epoch, keep each worker's part in memory "
                                 "if it fits in this many MiB (later epochs skip Ray Data); 0 streams always.")
+    device_cache_mb: float = Field(
+        0, ge=0, description="Local launcher: decode the whole dataset once with the objective's collate "
+                             "and keep it on the training device if it fits in this many MiB; each step "
+                             "then selects its rows there. Decoding rows every step caps a GPU's step "
+                             "rate; 0 decodes every batch. Used by objectives that support it "
+                             "(flow_matching).")
 
 
 class TestingSection(StrictModel):

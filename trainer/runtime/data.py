@@ -2,14 +2,18 @@
 
 Two readers yield the same batches (``dict[str, np.ndarray]``, binary columns as object
 arrays of ``bytes``): a Ray Data dataset for the Ray launcher (each worker streams its
-part with ``get_dataset_shard``) and a plain pyarrow reader for the local launcher.
+part with ``get_dataset_shard``) and a plain pyarrow reader for the local launcher. The local
+reader can also hand the whole dataset to the objective's ``collate`` once, so that a GPU run
+selects each batch from tensors already on the device instead of decoding rows every step.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -133,14 +137,48 @@ class LocalReader:
         self.table = self.table.combine_chunks()
         log.info("data: %d rows from %s", self.table.num_rows, source.uri)
 
-    def batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                shuffle: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    def epoch_indices(self, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                      shuffle: bool = True) -> Iterator[np.ndarray]:
+        """Row positions of each full batch of this rank's part of ``epoch``."""
         n = self.table.num_rows
         order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
         per_rank = n // world_size  # equal parts, as Ray's streaming_split(equal=True)
         mine = order[rank * per_rank:(rank + 1) * per_rank]
         for start in range(0, len(mine) - batch_size + 1, batch_size):
-            yield table_to_numpy(self.table.take(pa.array(mine[start:start + batch_size])))
+            yield mine[start:start + batch_size]
+
+    def batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                shuffle: bool = True) -> Iterator[dict[str, np.ndarray]]:
+        for index in self.epoch_indices(batch_size, seed, epoch, rank, world_size, shuffle):
+            yield table_to_numpy(self.table.take(pa.array(index)))
+
+    def collate_all(self, collate: Callable[[dict[str, np.ndarray]], Any], limit_mb: float,
+                    probe_rows: int = 256) -> Any | None:
+        """Every row through ``collate`` at once, if the result fits in ``limit_mb``; else None.
+
+        The size is estimated from a collated probe of the first rows, before anything big is built.
+        """
+        n = self.table.num_rows
+        probe = collate(table_to_numpy(self.table.slice(0, min(n, probe_rows))))
+        per_row = _tensor_bytes(probe) / len(probe)
+        estimate_mb = per_row * n / 2**20
+        if estimate_mb > limit_mb:
+            log.info("data: the %d decoded rows would take ~%.0f MiB, over data.device_cache_mb=%.0f: "
+                     "decoding each batch instead", n, estimate_mb, limit_mb)
+            return None
+        started = time.monotonic()
+        everything = collate(table_to_numpy(self.table))
+        log.info("data: %d rows decoded once (%.0f MiB, %.1f s); batches are selected from them",
+                 n, _tensor_bytes(everything) / 2**20, time.monotonic() - started)
+        return everything
+
+
+def _tensor_bytes(batch: Any) -> int:
+    """Bytes held by the tensors among a collated batch's attributes."""
+    import torch
+
+    values = vars(batch).values() if hasattr(batch, "__dict__") else [batch]
+    return sum(v.element_size() * v.nelement() for v in values if isinstance(v, torch.Tensor))
 
 
 def batches_per_epoch(rows: int, batch_size: int, world_size: int) -> int:

@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,9 +112,20 @@ class LocalContext:
         self.store = FolderStore(storage.join(payload.run_uri, CHECKPOINTS_NAME), payload.storage,
                                  config.train.keep_checkpoints, Path(tempfile.gettempdir()))
 
-    def epoch_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        return self.reader.batches(self.config.train.batch_size, self.config.train.seed, epoch,
-                                   shuffle=self.config.train.shuffle_buffer > 0)
+        self.decoded: Any = None
+
+    def preload(self, collate: Callable[[dict[str, np.ndarray]], Any]) -> None:
+        """``data.device_cache_mb``: decode every row once; batches are then selected from it."""
+        if self.config.data.device_cache_mb > 0:
+            self.decoded = self.reader.collate_all(collate, self.config.data.device_cache_mb)
+
+    def epoch_batches(self, epoch: int) -> Iterator[Any]:
+        train = self.config.train
+        if self.decoded is not None:
+            indices = self.reader.epoch_indices(train.batch_size, train.seed, epoch,
+                                                shuffle=train.shuffle_buffer > 0)
+            return (self.decoded.select(index) for index in indices)
+        return self.reader.batches(train.batch_size, train.seed, epoch, shuffle=train.shuffle_buffer > 0)
 
 
 def _free_port() -> int:
@@ -163,6 +174,9 @@ class RayContext:
         train = config.train
         self.cache = EpochCache(config.data.cache_mb, train.batch_size, train.seed, self.rank,
                                 self.world_size, self.device)
+
+    def preload(self, collate: Callable[[dict[str, np.ndarray]], Any]) -> None:
+        """Ray workers stream their part; ``data.cache_mb`` keeps it in memory after one epoch."""
 
     def epoch_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         train = self.config.train

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,7 +51,9 @@ class WorkerContext(Protocol):
     device: torch.device
     store: Any  # RayStore | FolderStore
 
-    def epoch_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]: ...
+    def preload(self, collate: Callable[[dict[str, np.ndarray]], Any]) -> None: ...
+
+    def epoch_batches(self, epoch: int) -> Iterator[Any]: ...
 
 
 # Reduced with max over ranks (the worst worker is what runs out of memory), not the mean.
@@ -207,6 +209,8 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
                        compute_dtype=compute_dtype(config), models=handles, generator=generator,
                        autocast=_autocast_factory(config, device))
     objective.setup(state)
+    if objective.selectable_batches:
+        ctx.preload(lambda rows: objective.collate(rows, device))
 
     position = Position()
     with ctx.store.latest() as ckpt_dir:
@@ -298,7 +302,7 @@ def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
             if not (isinstance(v, float) and not math.isfinite(v))}
 
 
-def _batch_stream(ctx: WorkerContext, position: Position) -> Iterator[dict[str, np.ndarray]]:
+def _batch_stream(ctx: WorkerContext, position: Position) -> Iterator[Any]:
     """Endless batches, epoch after epoch, starting where ``position`` says; keeps it current.
 
     On resume the consumed batches of the current epoch are skipped. Under Ray the order
@@ -314,7 +318,7 @@ def _batch_stream(ctx: WorkerContext, position: Position) -> Iterator[dict[str, 
             if index < skip:
                 continue
             position.batch_in_epoch = index + 1
-            position.samples += len(next(iter(rows.values()))) if rows else 0
+            position.samples += _row_count(rows)
             yield rows
         if seen == 0:
             raise ValueError(
@@ -323,3 +327,10 @@ def _batch_stream(ctx: WorkerContext, position: Position) -> Iterator[dict[str, 
         first = False
         position.epoch += 1
         position.batch_in_epoch = 0
+
+
+def _row_count(rows: Any) -> int:
+    """Rows of a columnar batch, or of an already collated one (the local device cache)."""
+    if isinstance(rows, dict):
+        return len(next(iter(rows.values()))) if rows else 0
+    return len(rows)
