@@ -104,6 +104,9 @@ def main() -> None:
     parser.add_argument("--text-lr", type=float, default=None,
                         help="text specialist learning rate (default: --lr / 4)")
     parser.add_argument("--dmd-batch", type=int, default=32)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="teacher stages' train.precision (bf16: autocast; untried on a GPU so far, "
+                             "docs/performance.md: the 2048-row step looks compute-bound in fp32)")
     parser.add_argument("--device-cache-mb", type=float, default=8192,
                         help="teacher stages' data.device_cache_mb: the shards decoded once onto the GPU "
                              "(0: decode every batch on the host, ~30 ms per 1024 rows)")
@@ -142,7 +145,7 @@ def main() -> None:
                   "train.progress": False, "train.log_every": 100, "data.uri": shards,
                   "train.checkpoint_every": 100000, "train.max_steps": 1_000_000,
                   "train.batch_size": args.batch, "objective.optimizer.lr": args.lr,
-                  "data.device_cache_mb": args.device_cache_mb}
+                  "data.device_cache_mb": args.device_cache_mb, "train.precision": args.precision}
         t = clock.elapsed_s()
         minutes = args.minutes
         base = normalize(args.base_init)
