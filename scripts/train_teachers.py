@@ -116,12 +116,15 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    import torch
+
     from fewstep.storage import normalize
     work = Path(args.work).resolve()
     runs = work / "runs"
-    cache_mb = args.device_cache_mb if args.device_cache_mb is not None else (4096 if args.device == "cuda" else 0)
+    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    cache_mb = args.device_cache_mb if args.device_cache_mb is not None else (4096 if on_gpu else 0)
     common = {"launcher": "local", "device": args.device, "deepspeed.enabled": False,
-              "train.progress": True, "train.log_every": 50, "data.device_cache_mb": cache_mb}
+              "train.progress": True, "train.log_every": 50}
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
@@ -141,6 +144,7 @@ def main() -> None:
 
     started = time.perf_counter()
     base_final = _train("base.yaml", {**common, "run.name": "teacher-base", "data.uri": shards,
+                                      "data.device_cache_mb": cache_mb,
                                       "objective.init.path": vae_final,
                                       "train.batch_size": args.batch,
                                       "train.precision": args.precision,
@@ -154,7 +158,7 @@ def main() -> None:
 
     started = time.perf_counter()
     text_final = _train("text-specialist.yaml", {**common, "run.name": "teacher-text",
-                                                 "data.uri": shards,
+                                                 "data.uri": shards, "data.device_cache_mb": cache_mb,
                                                  "objective.init.path": base_final,
                                                  "train.batch_size": args.batch,
                                                  "train.precision": args.precision,

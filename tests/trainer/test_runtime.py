@@ -167,6 +167,17 @@ def test_config_errors_name_the_field(world, tmp_path):
     raw["train"]["cpu_mmap_threshold_mb"] = "auto"
     assert load_train_config(write(raw)).train.cpu_mmap_threshold_mb == "auto"
 
+    # The device cache: local launcher and a flow-matching-like objective only, never ignored.
+    raw = _raw(world, str(tmp_path), "x")
+    raw["data"]["device_cache_mb"] = 512
+    with pytest.raises(ConfigError, match="data.device_cache_mb: only the local launcher"):
+        load_train_config(write(raw))
+    raw["launcher"] = "local"
+    assert load_train_config(write(raw)).data.device_cache_mb == 512
+    raw["objective"] = {"name": "vae", "init": {"from": "pretrained", "path": world[0]}}
+    with pytest.raises(ConfigError, match="data.device_cache_mb: the vae objective decodes every batch"):
+        load_train_config(write(raw))
+
 
 def test_data_errors_are_clear(world, tmp_path):
     from trainer.runtime.config import DataSection

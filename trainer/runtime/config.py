@@ -81,7 +81,8 @@ class DataSection(StrictModel):
                              "and keep it on the training device if it fits in this many MiB; each step "
                              "then selects its rows there instead of decoding them on the host (~30 us "
                              "per row on a small CPU, time a GPU step waits for); 0 decodes every "
-                             "batch. Used by objectives that support it (flow_matching).")
+                             "batch. Local launcher and objectives that support it (flow_matching) only: "
+                             "elsewhere a config error, never silently ignored.")
 
 
 class TestingSection(StrictModel):
@@ -141,7 +142,23 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
         raise ConfigError(f"{path}: {exc}") from None
     if config.testing.crash_at_step is not None and config.testing.crash_marker is None:
         raise ConfigError(f"{path}: testing.crash_marker: required with testing.crash_at_step")
+    _check_device_cache(config, path)
     return config
+
+
+def _check_device_cache(config: TrainConfig, path: str | Path) -> None:
+    """``data.device_cache_mb`` would otherwise be ignored without a word."""
+    if config.data.device_cache_mb <= 0:
+        return
+    if config.launcher != "local":
+        raise ConfigError(f"{path}: data.device_cache_mb: only the local launcher decodes the dataset "
+                          "once; with launcher: ray use data.cache_mb (each worker keeps its part in "
+                          "memory after one epoch) and set data.device_cache_mb: 0")
+    from trainer.objectives.base import resolve_objective
+
+    if not resolve_objective(config.objective_name()).selectable_batches:
+        raise ConfigError(f"{path}: data.device_cache_mb: the {config.objective_name()} objective "
+                          "decodes every batch itself; set data.device_cache_mb: 0")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
