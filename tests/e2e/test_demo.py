@@ -62,6 +62,8 @@ def test_demo_end_to_end(tmp_path, ray_cluster, capsys):
     assert summary["speedup"] > 1
     metrics = [json.loads(line) for line in (tmp_path / "demo" / "distill" / "metrics.jsonl").read_text().splitlines()]
     assert "val_score" in metrics[-1]
+    # The student before its first update (= the base teacher at 4 NFE) in a record of its own.
+    assert metrics[0]["step"] == 0 and "val_score" in metrics[0] and "dmd_loss" not in metrics[0]
     assert Path(tmp_path / "demo" / "distill" / "final" / "model_index.json").exists()
 
     # A second run reuses every finished stage.

@@ -265,6 +265,12 @@ class Objective(ABC):
     def train_step(self, state: TrainState, batch: Any) -> dict[str, float]:
         """One iteration: forward, backward and optimiser steps. Returns scalar metrics."""
 
+    def initial_metrics(self, state: TrainState) -> dict[str, float]:
+        """Metrics of the models before the first update of a fresh run (logged as step 0).
+
+        Every rank calls it; under ZeRO-3 forward passes here must be the same on every rank."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """Objective state beyond model weights and optimisers (counters, EMA, ...)."""
         return {}

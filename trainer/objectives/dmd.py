@@ -285,8 +285,6 @@ class DMDObjective(Objective):
         student_fn, fake_fn = self._velocity(student, batch, state), self._velocity(fake, batch, state)
         sigmas = self.sigmas.to(state.device)
         out: dict[str, float] = {}
-        if self.validator is not None and state.step == 0:
-            out.update(self.validator.run(state, student, step=0))
 
         fake_before, student_before = fake.optimizer_steps, student.optimizer_steps
         fake_losses, fake_norms, fake_lr = [], [], 0.0
@@ -356,6 +354,10 @@ class DMDObjective(Objective):
         return M.flow_matching_loss(student_fn, latents, t0, eps, weight=mask)
 
     # ------------------------------------------------------------------ state and export
+    def initial_metrics(self, state: TrainState) -> dict[str, float]:
+        """The student before training (= the base teacher at the student's NFE), as step 0."""
+        return self.validator.run(state, state.models["student"], step=0) if self.validator else {}
+
     def state_dict(self) -> dict[str, Any]:
         if self.buffer is None or self.mixer is None:
             return dict(self._restored)

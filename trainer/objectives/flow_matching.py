@@ -31,6 +31,7 @@ from trainer.objectives.base import (
     OptimizerConfig,
     TrainState,
 )
+from trainer.objectives.flow_heldout import HeldoutConfig, HeldoutScorer
 from trainer.teachers.init import InitConfig, prepare_pipeline_dir
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class FlowMatchingConfig(StrictModel):
     timestep: TimestepConfig = Field(default_factory=TimestepConfig)
     export_shift: float | None = Field(None, gt=0, description="Scheduler shift written on export.")
     role: str = Field("teacher", description="Recorded in the exported pipeline's metadata.")
+    heldout: HeldoutConfig = Field(default_factory=HeldoutConfig,
+                                   description="Periodic loss on held-out shards (memorisation check).")
 
 
 def _pad_to(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +98,7 @@ class FlowMatchingObjective(Objective):
                                              storage=env.storage)
         self.saved = SavedModel(self.pipeline_uri, "transformer", env.storage)
         self.empty: PromptEmbeds | None = None
+        self.heldout: HeldoutScorer | None = None
 
     def describe(self) -> str:
         return f"flow matching ({self.config.role})"
@@ -108,6 +112,9 @@ class FlowMatchingObjective(Objective):
             if not self.env.data_uri:
                 raise ValueError("data.uri: required (the shard dataset)")
             self.empty = load_empty_prompt(self.env.data_uri, self.env.storage, device=state.device)
+        if self.config.heldout.every:
+            self.heldout = HeldoutScorer(self.config.heldout, self.adapter, self.env.data_uri, self.env,
+                                         self.collate)
 
     def collate(self, rows: dict[str, np.ndarray], device: torch.device) -> ShardBatch:
         return decode_shard_rows(rows, device)
@@ -181,10 +188,16 @@ class FlowMatchingObjective(Objective):
 
     def train_step(self, state: TrainState, batch: ShardBatch) -> dict[str, float]:
         handle = state.models["transformer"]
+        scored = {}
         loss, values = self.loss(state, handle.net, batch)
         handle.backward(loss)
         stepped = handle.step()
-        return {"loss": float(loss.detach()), **values, **stepped}
+        if self.heldout and self.config.heldout.due(state.step + 1, state.max_steps):
+            scored = self.heldout.run(state, handle.net)
+        return {"loss": float(loss.detach()), **values, **stepped, **scored}
+
+    def initial_metrics(self, state: TrainState) -> dict[str, float]:
+        return self.heldout.run(state, state.models["transformer"].net) if self.heldout else {}
 
     def export(self, state: TrainState, out_dir: Path) -> None:
         module = state.models["transformer"].module

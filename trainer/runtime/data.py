@@ -181,6 +181,37 @@ def _tensor_bytes(batch: Any) -> int:
     return sum(v.element_size() * v.nelement() for v in values if isinstance(v, torch.Tensor))
 
 
+def sample_rows(source: DataSource, rows: int, seed: int, options: StorageOptions | None,
+                spread: int = 32) -> dict[str, np.ndarray]:
+    """A seeded sample of ``rows`` rows spread over up to ``spread`` files at a time, reading single
+    row groups only: cheap at any dataset size (a fixed evaluation set, not an epoch)."""
+    import pyarrow.parquet as pq
+
+    fs, _ = storage.pyarrow_filesystem(source.uri, options)
+    rng = np.random.default_rng(seed)
+    paths = [source.backend_paths()[i] for i in rng.permutation(len(source.files))]
+    expr, taken, count = source.arrow_filter(), [], 0
+    for start in range(0, len(paths), spread):
+        files = [pq.ParquetFile(fs.open_input_file(p)) for p in paths[start:start + spread]]
+        groups = [list(rng.permutation(f.num_row_groups)) for f in files]
+        per_group = max(1, -(-rows // len(files)))
+        while count < rows and any(groups):
+            for file, order in zip(files, groups):
+                if not order or count >= rows:
+                    continue
+                table = file.read_row_group(int(order.pop(0)), columns=list(source.columns or []) or None)
+                if expr is not None:
+                    table = table.filter(expr)
+                keep = np.sort(rng.permutation(table.num_rows)[:min(per_group, rows - count)])
+                taken.append(table.take(pa.array(keep, type=pa.int64())))
+                count += len(keep)
+        if count >= rows:
+            break
+    if count == 0:
+        raise ValueError(f"data.uri: no rows in {source.uri} after the task/category filter")
+    return table_to_numpy(pa.concat_tables(taken).combine_chunks())
+
+
 def batches_per_epoch(rows: int, batch_size: int, world_size: int) -> int:
     return (rows // world_size) // batch_size
 

@@ -226,6 +226,9 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
     progress = Progress(train.progress and rank == 0, train.max_steps, position.step,
                         f"{objective.describe()} (rank 0 of {world})", objective_cls.progress_keys)
 
+    if start_step == 0:
+        _log_initial(objective.initial_metrics(state), world, metrics_log, progress)
+
     stream = _batch_stream(ctx, position)
     state.next_batch = lambda: objective.collate(next(stream), device)
     window: dict[str, list[float]] = {}
@@ -295,6 +298,18 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
     if train.export:
         last["final_uri"] = _export(objective, state, handles, payload, work_dir)
     return last
+
+
+def _log_initial(initial: dict[str, float], world: int, metrics_log: MetricsLog | None,
+                 progress: Progress) -> None:
+    """The model before its first update (a ``step: 0`` record), kept apart from step 1's window."""
+    if not initial:  # the same on every rank: it depends on the config only
+        return
+    record = {"step": 0, "epoch": 0, "time": time.time(), "resumed_from": 0,
+              **_reduce_metrics({k: float(v) for k, v in initial.items()}, world)}
+    progress.update(0, record)
+    if metrics_log is not None:
+        metrics_log.write(record)
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -55,9 +55,12 @@ def _valid(pe, i: int) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.no_grad()
 def write_synthetic_shards(pipeline_uri: str, out_uri: str, *, t2i_rows: int = 32, edit_rows: int = 0,
-                           rows_per_shard: int = 16, repeat: int = 1,
+                           rows_per_shard: int = 16, repeat: int = 1, first_row: int = 0,
                            options: StorageOptions | None = None) -> str:
     """Encode drawn images with ``pipeline_uri`` and publish a shard dataset at ``out_uri``.
+
+    ``first_row`` starts the drawing further on: rows ``first_row...`` are other colour pairs
+    than rows ``0...`` (a held-out set), as long as both stay within the pairs' count.
 
     ``repeat`` > 1 copies every encoded row that many times (new ids): a bigger dataset for
     throughput measurements at the encoding cost of a small one.
@@ -70,14 +73,14 @@ def write_synthetic_shards(pipeline_uri: str, out_uri: str, *, t2i_rows: int = 3
     pairs = [(s, b) for s, b in itertools.product(names, names) if s != b]
     rows: list[dict] = []
     categories = ["portrait", "landscape", "text"]
-    for i in range(t2i_rows):
+    for i in range(first_row, first_row + t2i_rows):
         square, background = pairs[i % len(pairs)]
         prompt = f"a {square} square on a {background} background"
         image = draw(size, square, background, offset=(i // len(pairs)) % 3 - 1)
         pe = adapter.encode_prompts([prompt])
         lat = adapter.encode_images([image])[0].numpy()
         rows.append(_row(f"t2i-{i:05d}", "t2i", categories[i % 3], prompt, *_valid(pe, 0), lat))
-    for i in range(edit_rows):
+    for i in range(first_row, first_row + edit_rows):
         square, background = pairs[i % len(pairs)]
         new = names[(names.index(square) + 1) % len(names)]
         if new == background:
