@@ -141,3 +141,18 @@ def test_sample_rows_is_seeded_spread_and_filtered(world):
     with pytest.raises(ValueError, match="no rows"):
         sample_rows(open_source(DataSection(uri=world[1], categories=["none-such"]), "shards", None, None),
                     4, seed=0, options=None)
+
+
+def test_a_log_record_keeps_the_latest_check_not_the_mean_of_its_window():
+    """Checks every 10 steps logged every 20: the record shows the step-20 check; losses are means."""
+    from trainer.objectives.dmd import DMDObjective
+    from trainer.objectives.flow_matching import FlowMatchingObjective
+    from trainer.runtime.loop import window_values
+
+    window = {"loss": [0.4, 0.2], "heldout_loss": [0.9, 0.5], "train_fixed_loss": [0.3, 0.1],
+              "heldout_ratio": [3.0, 5.0]}
+    record = window_values(window, FlowMatchingObjective.snapshot_prefixes)
+    assert record == {"loss": pytest.approx(0.3), "heldout_loss": 0.5, "train_fixed_loss": 0.1,
+                      "heldout_ratio": 5.0}
+    dmd = window_values({"dmd_loss": [1.0, 3.0], "val_score": [2.0, 4.0]}, DMDObjective.snapshot_prefixes)
+    assert dmd == {"dmd_loss": 2.0, "val_score": 4.0}

@@ -245,6 +245,9 @@ class Objective(ABC):
     selectable_batches: ClassVar[bool] = False
     # Metrics shown beside the progress bar (their latest logged values).
     progress_keys: ClassVar[tuple[str, ...]] = DEFAULT_PROGRESS_KEYS
+    # Prefixes of point-in-time checks (a periodic evaluation): a log record keeps the latest
+    # value of its window, not the mean of the checks that fell in it.
+    snapshot_prefixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: StrictModel, env: ObjectiveEnv):
         self.config = config

@@ -120,6 +120,7 @@ class DMDObjective(Objective):
     Config = DMDConfig
     data_kind = "shards"
     columns = DMD_COLUMNS
+    snapshot_prefixes = ("val_",)
     progress_keys = ("dmd_loss", "fake_loss", "student_grad_norm", "mixture_edit_share", "val_score",
                      "val_pixel_std")
 

@@ -87,6 +87,7 @@ class FlowMatchingObjective(Objective):
     Config = FlowMatchingConfig
     data_kind = "shards"
     selectable_batches = True  # ShardBatch.select; collate_shard_rows passes a ShardBatch through
+    snapshot_prefixes = ("heldout_", "train_fixed_loss")
 
     def __init__(self, config: FlowMatchingConfig, env: ObjectiveEnv):
         super().__init__(config, env)

@@ -256,7 +256,7 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
             if not (is_log or is_ckpt):
                 continue
             elapsed = max(time.monotonic() - window_start, 1e-9)
-            local = {k: float(np.mean(v)) for k, v in window.items()}
+            local = window_values(window, objective_cls.snapshot_prefixes)
             local["samples_per_s"] = window_steps * train.batch_size / elapsed
             local["peak_mem_mb"] = _peak_mem_mb(device)
             local["mem_before_models_mb"] = mem_before_models
@@ -298,6 +298,12 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
     if train.export:
         last["final_uri"] = _export(objective, state, handles, payload, work_dir)
     return last
+
+
+def window_values(window: dict[str, list[float]], snapshot_prefixes: tuple[str, ...]) -> dict[str, float]:
+    """One log record from a window of steps: means, except point-in-time checks (their latest)."""
+    return {k: float(v[-1]) if k.startswith(snapshot_prefixes) else float(np.mean(v))
+            for k, v in window.items()}
 
 
 def _log_initial(initial: dict[str, float], world: int, metrics_log: MetricsLog | None,
