@@ -189,10 +189,10 @@ class FlowMatchingObjective(Objective):
 
     def train_step(self, state: TrainState, batch: ShardBatch) -> dict[str, float]:
         handle = state.models["transformer"]
-        scored = {}
         loss, values = self.loss(state, handle.net, batch)
         handle.backward(loss)
         stepped = handle.step()
+        scored: dict[str, float] = {}
         if self.heldout and self.config.heldout.due(state.step + 1, state.max_steps):
             scored = self.heldout.run(state, handle.net)
         return {"loss": float(loss.detach()), **values, **stepped, **scored}
