@@ -26,6 +26,7 @@ from pydantic import Field, model_validator
 from fewstep.config import StrictModel
 from fewstep.models.tokens import PromptEmbeds
 from pipelines.shards import ShardBatch, load_empty_prompt
+from trainer.objectives.dmd_math import flow_matching_loss
 from trainer.runtime.config import DataSection
 from trainer.runtime.data import open_source, sample_rows
 
@@ -133,14 +134,17 @@ class HeldoutScorer:
                 sel = torch.tensor(index[start:start + self.cfg.batch_size], device=x.device)
                 cond = PromptEmbeds(state.cast(batch.prompt_embeds[sel]), batch.prompt_mask[sel]).trimmed()
                 source = state.cast(batch.source_latents[sel]) if task == "edit" else None
+                velocity = self._velocity(state, net, cond, source)
                 for k, t_value in enumerate(self.cfg.timesteps):
-                    eps = noise[k][sel]
                     t = torch.full((len(sel),), t_value, device=x.device)
-                    z = (1 - t_value) * x[sel] + t_value * eps
-                    with state.autocast():
-                        pred = self.adapter.predict_velocity(net, state.cast(z), state.cast(t), cond,
-                                                             source_latents=source)
-                    loss = ((pred.float() - (eps - x[sel])) ** 2).mean(dim=(1, 2, 3))
+                    mean = flow_matching_loss(velocity, x[sel], t, noise[k][sel])
                     total, count = sums.get(task, (0.0, 0))
-                    sums[task] = (total + float(loss.sum()), count + len(sel))
+                    sums[task] = (total + float(mean) * len(sel), count + len(sel))
         return sums
+
+    def _velocity(self, state, net, cond: PromptEmbeds, source: torch.Tensor | None):
+        def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with state.autocast():
+                return self.adapter.predict_velocity(net, state.cast(z), state.cast(t), cond,
+                                                     source_latents=source)
+        return velocity

@@ -189,7 +189,8 @@ def sample_rows(source: DataSource, rows: int, seed: int, options: StorageOption
 
     fs, _ = storage.pyarrow_filesystem(source.uri, options)
     rng = np.random.default_rng(seed)
-    paths = [source.backend_paths()[i] for i in rng.permutation(len(source.files))]
+    all_paths = source.backend_paths()
+    paths = [all_paths[i] for i in rng.permutation(len(all_paths))]
     expr, taken, count = source.arrow_filter(), [], 0
     for start in range(0, len(paths), spread):
         files = [pq.ParquetFile(fs.open_input_file(p)) for p in paths[start:start + spread]]
@@ -199,7 +200,7 @@ def sample_rows(source: DataSource, rows: int, seed: int, options: StorageOption
             for file, order in zip(files, groups):
                 if not order or count >= rows:
                     continue
-                table = file.read_row_group(int(order.pop(0)), columns=list(source.columns or []) or None)
+                table = file.read_row_group(int(order.pop(0)), columns=list(source.columns) if source.columns else None)
                 if expr is not None:
                     table = table.filter(expr)
                 keep = np.sort(rng.permutation(table.num_rows)[:min(per_group, rows - count)])
