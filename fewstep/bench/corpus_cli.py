@@ -56,10 +56,21 @@ def bench_refs(
     resolution: int = typer.Option(None, "--resolution", help="Default: the bench's own (64)."),
     sources: bool = typer.Option(False, "--sources/--no-sources",
                                  help="Also write edit sources as OUT/sources/<case_id>.png."),
+    through_vae: str = typer.Option(None, "--through-vae",
+                                    help="A pipeline directory: write each reference after a round trip through "
+                                         "its VAE (encode, decode). Sources are written unchanged."),
 ) -> None:
     """Write a bench's real reference images as OUT/<case_id>.png.
 
     Each is the true render of a T2I prompt, or the ground-truth target of an edit: the "upper bound" generator for the judges.
+
+    With --through-vae, each reference is encoded by that pipeline's VAE and decoded again: the upper
+    bound for any model that decodes through that VAE, however good its transformer. Score both to see
+    how much of the gap to the real images the VAE alone costs:
+
+      fewstep corpus bench-refs --bench t2i-bench-mini --out runs/refs-vae --through-vae assets/teachers/base
+
+      fewstep bench score --bench t2i-bench-mini --images runs/refs-vae --out runs/refs-vae-scores
     """
     from fewstep import storage
     from fewstep.bench import world
@@ -72,13 +83,31 @@ def bench_refs(
     except BenchError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
-    for case in cases:
-        storage.write_bytes_atomic(storage.join(out, f"{case.id}.png"),
-                                   world.png_bytes(case.reference_image(resolution)), options)
+    references = [case.reference_image(resolution) for case in cases]
+    if through_vae:
+        references = _vae_round_trip(through_vae, references, options)
+    for case, reference in zip(cases, references, strict=True):
+        storage.write_bytes_atomic(storage.join(out, f"{case.id}.png"), world.png_bytes(reference), options)
         if sources and case.task == "edit":
             storage.write_bytes_atomic(storage.join(out, "sources", f"{case.id}.png"),
                                        world.png_bytes(case.source_image(resolution)), options)
-    typer.echo(f"wrote {len(cases)} reference images of {bench} to {out}")
+    via = f" through the VAE of {through_vae}" if through_vae else ""
+    typer.echo(f"wrote {len(cases)} reference images of {bench}{via} to {out}")
+
+
+def _vae_round_trip(pipeline: str, images: list, options, batch_size: int = 64) -> list:
+    """Encode each image to the VAE's latent (the mode, as precompute does) and decode it again."""
+    from fewstep.models.adapter import QwenImageAdapter
+
+    try:
+        adapter = QwenImageAdapter.load(pipeline, components=("vae",), device="cpu", storage=options)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise typer.BadParameter(f"cannot load a VAE from {pipeline}: {exc}", param_hint="--through-vae") from None
+    out = []
+    for start in range(0, len(images), batch_size):
+        latents = adapter.encode_images(images[start:start + batch_size])
+        out.extend(adapter.to_pil(adapter.decode_latents(latents)))
+    return out
 
 
 @corpus_app.command("bad-inputs")

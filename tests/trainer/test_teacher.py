@@ -20,13 +20,15 @@ def world(tmp_path_factory):
     return ensure_tiny_world(tmp_path_factory.getbasetemp() / "tiny-world")
 
 
-@pytest.mark.parametrize("name", ["vae", "base", "text-specialist"])
+@pytest.mark.parametrize("name", ["vae", "vae-decoder", "base", "text-specialist"])
 def test_shipped_teacher_configs_validate(name):
     from trainer.runtime.config import load_train_config
 
     config = load_train_config(REPO / "configs" / "teacher" / f"{name}.yaml")
     objective = config.objective_config()
-    assert config.objective_name() == ("vae" if name == "vae" else "flow_matching")
+    assert config.objective_name() == ("vae" if name.startswith("vae") else "flow_matching")
+    if name == "vae-decoder":
+        assert objective.train_encoder is False and objective.init.path.endswith("assets/teachers/base")
     if name == "text-specialist":
         assert config.data.categories == ["text"]
         assert objective.init.path.endswith("teacher-base/final")
@@ -119,3 +121,57 @@ def test_vae_run_trains_and_sets_latent_statistics(world, tmp_path):
     from diffusers import QwenImagePipeline
 
     assert QwenImagePipeline.from_pretrained(result.final_uri).vae is not None
+
+
+def test_vae_decoder_finetune_keeps_the_latent_space(tmp_path):
+    """train_encoder: false sharpens what latents decode to, and nothing a transformer relies on moves.
+
+    Starts from the shipped base teacher: its VAE is a trained one, with the narrow posterior that
+    a decoder fine-tune is meant for (a random fixture VAE's posterior noise swamps its latents).
+    """
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from fewstep.models.adapter import QwenImageAdapter
+    from trainer.runtime.config import TrainConfig
+    from trainer.runtime.launch import launch
+    from trainer.runtime.metrics import read_metrics
+
+    pipeline = str(REPO / "assets" / "teachers" / "base")
+    curated = write_synthetic_curated(str(tmp_path / "curated"), rows=16, edit_rows=4, size=64)
+    raw = {
+        "run": {"name": "vae-decoder", "runs_dir": str(tmp_path / "runs")},
+        "launcher": "local", "device": "cpu", "deepspeed": {"enabled": False},
+        "train": {"max_steps": 24, "batch_size": 8, "log_every": 8, "checkpoint_every": 24, "progress": False},
+        "data": {"uri": curated},
+        "objective": {"name": "vae", "init": {"from": "pretrained", "path": pipeline}, "train_encoder": False,
+                      "optimizer": {"lr": 1e-3}, "l2_weight": 1.0, "edge_weight": 1.0},
+    }
+    result = launch(TrainConfig.model_validate(raw))
+    records = read_metrics(result.run_uri)
+    assert [r["step"] for r in records] == [8, 16, 24] and all(r["edge"] > 0 for r in records)
+
+    before = QwenImageAdapter.load(pipeline, components=("vae",))
+    after = QwenImageAdapter.load(result.final_uri, components=("vae",))
+    start, trained = before.vae.state_dict(), after.vae.state_dict()
+    encoder = [k for k in start if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in start if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and all(torch.equal(start[k], trained[k]) for k in encoder), "the encoder moved"
+    assert any(not torch.equal(start[k], trained[k]) for k in decoder), "the decoder did not change"
+    assert after.vae.config.latents_mean == before.vae.config.latents_mean
+    assert after.vae.config.latents_std == before.vae.config.latents_std
+    # The transformer comes along, so the output is the whole teacher with the new decoder.
+    weights = sorted(Path(pipeline, "transformer").glob("*.safetensors"))
+    assert weights and [p.read_bytes() for p in weights] == \
+        [Path(result.final_uri, "transformer", p.name).read_bytes() for p in weights]
+
+    table = pq.read_table(next(Path(curated, "curated").glob("*.parquet")))
+    images = [Image.open(io.BytesIO(b)) for b in table.column("image").to_pylist()]
+    latents = before.encode_images(images)
+    assert torch.equal(latents, after.encode_images(images))
+    target = before.images_to_tensor(images)
+    error_before = (before.decode_latents(latents) - target).abs().mean()
+    error_after = (after.decode_latents(latents) - target).abs().mean()
+    assert error_after < 0.8 * error_before, (float(error_before), float(error_after))
