@@ -1,4 +1,5 @@
-"""Train the shipped tiny teachers in one process: VAE -> precompute -> base -> text specialist.
+"""Train the shipped tiny teachers in one process: VAE -> precompute -> base -> text specialist
+(-> optionally a fine-tune of their shared VAE decoder, `--decoder-steps`).
 
 The same stages as the CLI (`fewstep train-teacher`, `fewstep precompute`) with the same configs
 (configs/teacher/*.yaml, configs/precompute/default.yaml), run with the local launcher and the
@@ -107,6 +108,12 @@ def main() -> None:
                              "instead of starting from random weights")
     parser.add_argument("--base-minutes", type=float, default=None)
     parser.add_argument("--text-minutes", type=float, default=None)
+    parser.add_argument("--decoder-steps", type=int, default=0,
+                        help="last, fine-tune the VAE decoder both teachers share (configs/teacher/"
+                             "vae-decoder.yaml: encoder and latents unchanged) for this many steps, "
+                             "the last third a linear decay; 0 skips it")
+    parser.add_argument("--decoder-minutes", type=float, default=None)
+    parser.add_argument("--decoder-batch", type=int, default=32)
     parser.add_argument("--tar-to", default=None,
                         help="also pack each exported teacher as <dir>/<name>.tar as soon as it exists")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
@@ -166,6 +173,23 @@ def main() -> None:
                                                  "train.max_minutes": args.text_minutes,
                                                  "train.checkpoint_every": args.text_steps}, runs)
     timings["text_s"] = time.perf_counter() - started
+
+    if args.decoder_steps > 0:
+        started = time.perf_counter()
+        steps = args.decoder_steps
+        warmup = min(50, steps // 10)
+        decoder_final = _train("vae-decoder.yaml", {
+            **common, "run.name": "teacher-vae-decoder", "data.uri": normalize(args.curated),
+            "objective.init.path": base_final, "train.batch_size": args.decoder_batch,
+            "train.max_steps": steps, "train.max_minutes": args.decoder_minutes,
+            "train.checkpoint_every": steps, "objective.optimizer.warmup_steps": warmup,
+            "objective.optimizer.decay": "linear", "objective.optimizer.decay_start": max(warmup, (2 * steps) // 3),
+            "objective.optimizer.decay_steps": steps}, runs)
+        timings["decoder_s"] = time.perf_counter() - started
+        # The decoder run's output is the base with the new decoder; the specialist shares the VAE.
+        base_final = decoder_final
+        shutil.copytree(Path(decoder_final) / "vae", Path(text_final) / "vae", dirs_exist_ok=True)
+        _publish(base_final, out, "base", tar_to)
 
     _publish(text_final, out, "text-specialist", tar_to)
     summary = {"timings": timings, "vae": vae_final, "base": base_final, "text": text_final,
