@@ -73,24 +73,31 @@ def test_init_tiny_config_with_vae_from_another_pipeline(world, tmp_path):
         InitConfig.model_validate({"from": "tiny-config", "config": "no-such-preset"})
 
 
+def _vae_run(tmp_path: Path, curated: str, pipeline: str, *, steps: int, log_every: int, batch_size: int,
+             lr: float, **objective):
+    """A short local VAE run from ``pipeline`` on ``curated`` images (``objective``: extra fields)."""
+    from trainer.runtime.config import TrainConfig
+
+    return TrainConfig.model_validate({
+        "run": {"name": "vae", "runs_dir": str(tmp_path / "runs")},
+        "launcher": "local", "device": "cpu", "deepspeed": {"enabled": False},
+        "train": {"max_steps": steps, "batch_size": batch_size, "log_every": log_every,
+                  "checkpoint_every": steps, "progress": False},
+        "data": {"uri": curated},
+        "objective": {"name": "vae", "init": {"from": "pretrained", "path": pipeline},
+                      "optimizer": {"lr": lr}, "l2_weight": 1.0, **objective},
+    })
+
+
 def test_vae_run_trains_and_sets_latent_statistics(world, tmp_path):
     from diffusers import AutoencoderKLQwenImage
 
-    from trainer.runtime.config import TrainConfig
     from trainer.runtime.launch import launch
     from trainer.runtime.metrics import read_metrics
 
     pipeline, _ = world
     curated = write_synthetic_curated(str(tmp_path / "curated"), rows=16, edit_rows=4, size=32)
-    raw = {
-        "run": {"name": "vae", "runs_dir": str(tmp_path / "runs")},
-        "launcher": "local", "device": "cpu", "deepspeed": {"enabled": False},
-        "train": {"max_steps": 8, "batch_size": 4, "log_every": 4, "checkpoint_every": 8, "progress": False},
-        "data": {"uri": curated},
-        "objective": {"name": "vae", "init": {"from": "pretrained", "path": pipeline}, "stats_batches": 4,
-                      "optimizer": {"lr": 2e-3}, "l2_weight": 1.0},
-    }
-    result = launch(TrainConfig.model_validate(raw))
+    result = launch(_vae_run(tmp_path, curated, pipeline, steps=8, log_every=4, batch_size=4, lr=2e-3, stats_batches=4))
     records = read_metrics(result.run_uri)
     assert [r["step"] for r in records] == [4, 8]
     assert all(r["loss"] > 0 and r["psnr"] > 0 and r["grad_norm"] > 0 for r in records)
@@ -135,21 +142,13 @@ def test_vae_decoder_finetune_keeps_the_latent_space(tmp_path):
     from PIL import Image
 
     from fewstep.models.adapter import QwenImageAdapter
-    from trainer.runtime.config import TrainConfig
     from trainer.runtime.launch import launch
     from trainer.runtime.metrics import read_metrics
 
     pipeline = str(REPO / "assets" / "teachers" / "base")
     curated = write_synthetic_curated(str(tmp_path / "curated"), rows=16, edit_rows=4, size=64)
-    raw = {
-        "run": {"name": "vae-decoder", "runs_dir": str(tmp_path / "runs")},
-        "launcher": "local", "device": "cpu", "deepspeed": {"enabled": False},
-        "train": {"max_steps": 24, "batch_size": 8, "log_every": 8, "checkpoint_every": 24, "progress": False},
-        "data": {"uri": curated},
-        "objective": {"name": "vae", "init": {"from": "pretrained", "path": pipeline}, "train_encoder": False,
-                      "optimizer": {"lr": 1e-3}, "l2_weight": 1.0, "edge_weight": 1.0},
-    }
-    result = launch(TrainConfig.model_validate(raw))
+    result = launch(_vae_run(tmp_path, curated, pipeline, steps=24, log_every=8, batch_size=8, lr=1e-3,
+                             train_encoder=False, edge_weight=1.0))
     records = read_metrics(result.run_uri)
     assert [r["step"] for r in records] == [8, 16, 24] and all(r["edge"] > 0 for r in records)
 
