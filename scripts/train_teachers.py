@@ -121,6 +121,8 @@ def main() -> None:
                         help="data.device_cache_mb of the transformer stages (default: 4096 on cuda, "
                              "else 0): decode the shards once onto the device")
     args = parser.parse_args()
+    if args.decoder_steps < 0:
+        parser.error(f"--decoder-steps: {args.decoder_steps} is negative; give 0 to skip the decoder stage")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import torch

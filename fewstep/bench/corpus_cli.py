@@ -101,7 +101,7 @@ def _vae_round_trip(pipeline: str, images: list, options, batch_size: int = 64) 
 
     try:
         adapter = QwenImageAdapter.load(pipeline, components=("vae",), device="cpu", storage=options)
-    except (FileNotFoundError, OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # FileNotFoundError is an OSError
         raise typer.BadParameter(f"cannot load a VAE from {pipeline}: {exc}", param_hint="--through-vae") from None
     out = []
     for start in range(0, len(images), batch_size):
