@@ -106,6 +106,28 @@ def test_mixture_without_data_for_a_task_fails_clearly(world):
         launch(_config(root, t2i_only, base, specialist), Settings(runs_dir=str(root / "runs2")))
 
 
+def test_a_run_stopped_by_max_minutes_validates_the_exported_student(world):
+    """The time budget ends the run between validation steps; the last record still scores the
+    student that the run exports (collapse in the final minutes must show)."""
+    from fewstep.settings import Settings
+    from trainer.runtime.launch import launch
+    from trainer.runtime.metrics import read_metrics
+
+    root, base, specialist, data = world
+    config = _config(root, data, base, specialist,
+                     validation={"every": 1000, "cases_per_category": 1, "save_grids": False})
+    config.run.name = "dmd-time-up"
+    config.train.max_steps, config.train.max_minutes, config.train.export = 10_000, 0.02, False
+    config.train.log_every = config.train.checkpoint_every = 1000
+    config.testing.step_sleep_s = 0.2
+    result = launch(config, Settings(runs_dir=str(root / "runs-time-up")))
+    records = read_metrics(result.run_uri)
+    stop = result.metrics["step"]
+    assert 1 <= stop < 1000
+    assert [r["step"] for r in records] == [0, stop]
+    assert {"val_score", "val_pixel_std"} <= set(records[0]) and {"val_score", "dmd_loss"} <= set(records[-1])
+
+
 def test_config_errors_name_the_field(world):
     root, base, specialist, data = world
     with pytest.raises(ConfigError, match="sum to"):

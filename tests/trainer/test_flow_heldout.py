@@ -73,6 +73,26 @@ def test_heldout_loss_is_logged_from_step_zero_and_shows_the_gap(world, heldout,
     assert end["heldout_ratio"] > 1.1 * start["heldout_ratio"], (start, end)
 
 
+def test_a_run_stopped_by_max_minutes_scores_its_final_model(world, heldout, tmp_path):
+    """A time budget ends the run between scheduled checks: the last record still carries the
+    held-out score of the model that is exported, not only the one of the last multiple of every."""
+    from trainer.runtime.config import TrainConfig
+    from trainer.runtime.launch import launch
+    from trainer.runtime.metrics import read_metrics
+
+    raw = _raw(tmp_path, world, {"uri": heldout, "every": 1000, "rows": 16}, steps=10_000)
+    raw["train"].update(max_minutes=0.02, log_every=1000, checkpoint_every=1000)  # 1.2 s
+    raw["testing"] = {"step_sleep_s": 0.2}
+    result = launch(TrainConfig.model_validate(raw))
+    records = read_metrics(result.run_uri)
+    stop = result.metrics["step"]
+    assert 2 <= stop < 1000
+    assert [r["step"] for r in records] == [0, stop]
+    assert {"heldout_loss", "train_fixed_loss", "heldout_ratio"} <= set(records[-1])
+    assert records[-1]["heldout_loss"] != records[0]["heldout_loss"]  # the trained model, scored
+    assert result.metrics["heldout_loss"] == records[-1]["heldout_loss"]
+
+
 def test_heldout_scores_are_fixed_draws(world, heldout, tmp_path):
     """Same net, same numbers: the rows, noise and timesteps do not change between checks."""
     from trainer.objectives.base import ObjectiveEnv, TrainState

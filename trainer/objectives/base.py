@@ -274,6 +274,13 @@ class Objective(ABC):
         Every rank calls it; under ZeRO-3 forward passes here must be the same on every rank."""
         return {}
 
+    def closing_metrics(self, state: TrainState) -> dict[str, float]:
+        """Metrics of the final model when ``train.max_minutes`` stops a run before ``max_steps``
+        (checks the schedule would have run at the last step), merged into the last record.
+
+        Every rank calls it, at the same step; the same rule as :meth:`initial_metrics` applies."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """Objective state beyond model weights and optimisers (counters, EMA, ...)."""
         return {}

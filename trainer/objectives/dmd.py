@@ -359,6 +359,12 @@ class DMDObjective(Objective):
         """The student before training (= the base teacher at the student's NFE), as step 0."""
         return self.validator.run(state, state.models["student"], step=0) if self.validator else {}
 
+    def closing_metrics(self, state: TrainState) -> dict[str, float]:
+        """The student that is exported, when a time budget ended the run off the schedule."""
+        if self.validator is None or self.validator.due(state.step, state.max_steps):
+            return {}
+        return self.validator.run(state, state.models["student"], step=state.step)
+
     def state_dict(self) -> dict[str, Any]:
         if self.buffer is None or self.mixer is None:
             return dict(self._restored)

@@ -200,6 +200,12 @@ class FlowMatchingObjective(Objective):
     def initial_metrics(self, state: TrainState) -> dict[str, float]:
         return self.heldout.run(state, state.models["transformer"].net) if self.heldout else {}
 
+    def closing_metrics(self, state: TrainState) -> dict[str, float]:
+        # A step the schedule scored already (an `every` multiple) needs no second pass.
+        if not self.heldout or self.config.heldout.due(state.step, state.max_steps):
+            return {}
+        return self.heldout.run(state, state.models["transformer"].net)
+
     def export(self, state: TrainState, out_dir: Path) -> None:
         module = state.models["transformer"].module
         if module.dtype != torch.float32:

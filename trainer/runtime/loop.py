@@ -266,6 +266,8 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
             # Any rank past the budget stops every rank at this same step.
             time_up = reduced.pop("time_up", 0.0) > 0
             is_ckpt = is_ckpt or time_up
+            if time_up:  # every rank agrees, so collective checks of the final model are safe
+                reduced.update(_reduce_metrics(objective.closing_metrics(state), world))
             reduced["samples_per_s"] *= world  # every rank saw its own batches
             reduced["steps_per_s"] = window_steps / elapsed
             last = {"step": state.step, "epoch": position.epoch, "time": time.time(),
