@@ -13,7 +13,7 @@ indexes per sample.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -30,6 +30,24 @@ class GuidanceError(ValueError):
     """A lambda table or teacher list that cannot be used; the message names the entry and the fix."""
 
 
+Scale = Annotated[float, Field(ge=1.0)]
+# One CFG scale for both tasks, or one per task ({t2i: 2.0, edit: 4.0}): a teacher's best scale
+# for prompts alone need not be its best for edits, and one loaded copy serves both.
+TaskScales = Scale | dict[Literal["t2i", "edit"], Scale]
+
+
+def scale_for(task: str, *choices: TaskScales | None) -> float:
+    """The first of ``choices`` that gives a scale for ``task`` (a number applies to every task)."""
+    for choice in choices:
+        if isinstance(choice, dict):
+            if task in choice:
+                return float(choice[task])
+        elif choice is not None:
+            return float(choice)
+    raise GuidanceError(f"no CFG scale for task {task!r}: give guidance_scale a number or a "
+                        f"{task!r} entry")
+
+
 class TeacherSpec(StrictModel):
     """One frozen teacher of the real score."""
 
@@ -40,8 +58,9 @@ class TeacherSpec(StrictModel):
         description="Categories this teacher is specialised for (empty: a base/general teacher); "
         "'t2i:text' names one task's category only, 'text' both tasks'.",
     )
-    guidance_scale: float | None = Field(
-        None, ge=1.0, description="CFG scale for this teacher (None: the objective's default)."
+    guidance_scale: TaskScales | None = Field(
+        None, description="CFG scale for this teacher, one number or per task ({t2i: 2.0, edit: 4.0}; "
+        "a task left out uses the objective's); None: the objective's."
     )
 
     @field_validator("path")

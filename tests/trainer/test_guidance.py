@@ -98,3 +98,23 @@ def test_task_qualified_categories():
         2, CATS)
     w = table.for_samples(torch.tensor([1, 1, 1]), ["t2i:text", "edit:text", "t2i:portrait"])
     assert w.tolist() == [[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]
+
+
+def test_cfg_scale_per_task_with_teacher_overrides():
+    """One loaded teacher can guide prompts and edits at different scales; a teacher's own entry wins
+    for the tasks it names and the objective's scale covers the rest."""
+    from trainer.guidance import scale_for
+    from trainer.objectives.dmd import DMDConfig
+
+    teachers = [{**TEACHERS[0], "guidance_scale": {"edit": 5.0}}, TEACHERS[1]]
+    cfg = parse_config(DMDConfig, {"guidance": {"teachers": teachers}, "guidance_scale": {"t2i": 2, "edit": 4}})
+    base, text = cfg.guidance.teachers
+    assert [scale_for(task, base.guidance_scale, cfg.guidance_scale) for task in ("t2i", "edit")] == [2.0, 5.0]
+    assert [scale_for(task, text.guidance_scale, cfg.guidance_scale) for task in ("t2i", "edit")] == [2.0, 4.0]
+    assert scale_for("edit", None, 3) == 3.0
+    with pytest.raises(ConfigError, match="guidance_scale.*give both t2i and edit"):
+        parse_config(DMDConfig, {"guidance": {"teachers": TEACHERS}, "guidance_scale": {"t2i": 2}})
+    with pytest.raises(ConfigError, match="guidance_scale"):
+        parse_config(DMDConfig, {"guidance": {"teachers": TEACHERS}, "guidance_scale": {"t2i": 0.5, "edit": 4}})
+    with pytest.raises(GuidanceError, match="no CFG scale for task 'edit'"):
+        scale_for("edit", {"t2i": 2.0}, None)

@@ -32,7 +32,7 @@ from fewstep import storage
 from fewstep.bench.world import EDIT_CATEGORIES, T2I_CATEGORIES
 from fewstep.config import StrictModel
 from fewstep.models.saved import SavedModel
-from trainer.guidance import GuidanceConfig, LambdaTable
+from trainer.guidance import GuidanceConfig, LambdaTable, TaskScales, scale_for
 from trainer.mixture import MixtureConfig, MixtureError, MixtureScheduler, achieved_ratio
 from trainer.objectives import dmd_math as M
 from trainer.objectives.base import ModelSpec, Objective, ObjectiveEnv, OptimizerConfig, TrainState
@@ -55,8 +55,9 @@ class DMDConfig(StrictModel):
     guidance: GuidanceConfig
     student_steps: int = Field(4, ge=1, le=64, description="Steps (NFE) of the student.")
     student_shift: float = Field(3.0, gt=0, description="Timestep shift of the student's schedule.")
-    guidance_scale: float = Field(4.0, ge=1.0, description="Teacher CFG scale (per teacher override "
-                                  "in guidance.teachers[].guidance_scale).")
+    guidance_scale: TaskScales = Field(4.0, description="Teacher CFG scale of the real score: one "
+                                       "number, or one per task ({t2i: 2.0, edit: 4.0}); per-teacher "
+                                       "override in guidance.teachers[].guidance_scale.")
     fake_updates: int = Field(5, ge=1, description="Fake-score updates per student update.")
     student_optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=2e-6))
     fake_optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=4e-6))
@@ -92,6 +93,9 @@ class DMDConfig(StrictModel):
                 raise ValueError(f"{name}: need 0 <= low < high <= 1, got [{lo}, {hi}]")
         if self.step_probs is not None and len(self.step_probs) != self.student_steps:
             raise ValueError(f"step_probs: {len(self.step_probs)} values for {self.student_steps} steps")
+        if isinstance(self.guidance_scale, dict) and set(self.guidance_scale) != {"t2i", "edit"}:
+            raise ValueError(f"guidance_scale: {self.guidance_scale} names only "
+                             f"{sorted(self.guidance_scale)}; give both t2i and edit, or one number")
         self.table()  # validate the lambda table now (clear error at config load)
         return self
 
@@ -251,7 +255,7 @@ class DMDObjective(Objective):
                     velocities.append(None)
                     continue
                 handle = state.models[f"teacher_{teacher.name}"]
-                scale = teacher.guidance_scale or cfg.guidance_scale
+                scale = scale_for(batch.task, teacher.guidance_scale, cfg.guidance_scale)
                 # The adapter casts inputs to the teacher's own dtype (bf16 or fp32).
                 with torch.no_grad(), state.autocast():
                     v = ad.guided_velocity(handle.net, z, t, batch.cond, uncond, scale,
