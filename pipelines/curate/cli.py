@@ -7,7 +7,9 @@ import typer
 HELP = "\n\n".join([
     "Filter, caption, tag and rebalance raw T2I and edit corpora into a curated dataset (Ray Data).",
     "Inputs are Parquet, JSONL/JSON or WebDataset tars (files or directories, local or s3://); each record is "
-    "T2I or edit by its columns. Every dropped record is written to <output>/rejects/ with its stage and reason.",
+    "T2I or edit by its columns. A curate output directory is an input too (its manifest's parts): curate it "
+    "again to rebalance it to another composition. Every dropped record is written to <output>/rejects/ with "
+    "its stage and reason.",
     "Outputs: <output>/curated/part-*.parquet, rejects/, composition.json (target vs achieved counts), "
     "stats/ (Ray Data per-operator stats), manifest.json (written last).",
     "Presets in configs/curate/: default (keep all), landscape, portrait, text, landscape+portrait, mixed, "

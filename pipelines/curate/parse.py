@@ -116,6 +116,22 @@ def _b64(text: str, name: str) -> bytes:
         raise FieldError("schema", f"{name}: invalid base64") from None
 
 
+def curated_to_raw(record: dict) -> tuple[dict, Any]:
+    """A row of a curated dataset (``CURATED_SCHEMA``) as a raw record and its task, so a curated set
+    can be curated again (another composition, stricter filters). A task other than ``t2i`` or
+    ``edit`` comes back as found, with no fields mapped; the caller rejects the row."""
+    task = record.get("task")
+    task = bytes(task).decode("utf-8", "replace") if isinstance(task, (bytes, bytearray)) else task
+    common = {"id": record.get("id"), "source": record.get("source"), "meta": record.get("meta")}
+    if task == "edit":
+        return {**common, "instruction": record.get("prompt"), "edit_category": record.get("category"),
+                "source_image": record.get("source_image"), "target_image": record.get("image")}, task
+    if task == "t2i":
+        return {**common, "prompt": record.get("prompt"), "category": record.get("category"),
+                "image": record.get("image")}, task
+    return common, task
+
+
 def parse_record(
     record: Any,
     *,

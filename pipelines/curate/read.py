@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from fewstep import storage
 from fewstep.storage import StorageOptions
-from pipelines.curate.parse import EDIT_KEYS, STAGE, parse_record
+from pipelines.curate.parse import EDIT_KEYS, STAGE, curated_to_raw, parse_record
 from pipelines.curate.records import from_rows, new_row, order_key, reject
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,9 @@ def list_inputs(inputs: list[str], extensions: list[str], options: StorageOption
         if not fs.exists(path):
             raise InputError(f"--input {uri}: not found (check the path, or the S3 endpoint and bucket)")
         parent = posixpath.dirname(uri.rstrip("/"))
-        if fs.isdir(path):
+        if fs.isdir(path) and (curated := _curated_parts(uri, options)) is not None:
+            found = curated  # a curated dataset: its manifest's parts, not its rejects or stats
+        elif fs.isdir(path):
             found = [f for f in storage.list_files(uri, options=options)
                      if any(f.endswith(ext) for ext in extensions)
                      and not posixpath.basename(f).startswith((".", "_"))]
@@ -64,6 +66,17 @@ def list_inputs(inputs: list[str], extensions: list[str], options: StorageOption
             found = [uri]
         files.extend(InputFile(f, input_index, i, posixpath.relpath(f, parent)) for i, f in enumerate(found))
     return files
+
+
+def _curated_parts(uri: str, options: StorageOptions | None) -> list[str] | None:
+    """The data files of a curate output directory, or None if ``uri`` is not one."""
+    manifest_uri = storage.join(uri, "manifest.json")
+    if not storage.exists(manifest_uri, options):
+        return None
+    manifest = storage.read_json(manifest_uri, options)
+    if not isinstance(manifest, dict) or manifest.get("kind") != "curated":
+        return None
+    return [storage.join(uri, entry["path"]) for entry in manifest.get("shards", [])]
 
 
 def _base_dir(uri: str) -> str:
@@ -96,6 +109,8 @@ def _read_parquet(file: InputFile, handle, options: StorageOptions | None) -> It
     kind = "edit" if {"instruction", "source_image"} & names or set(EDIT_KEYS) & names else "t2i"
     if kind == "t2i" and "prompt" not in names and "image" not in names:
         kind = None  # neither schema: each row is rejected by the field checks
+    # A curated dataset (fewstep's own output) is read back row by row in the raw contract.
+    curated = (pf.schema_arrow.metadata or {}).get(b"fewstep.schema") == b"curated"
     base_dir = _base_dir(file.uri)
     row_index = 0
     for group in range(pf.num_row_groups):
@@ -111,15 +126,28 @@ def _read_parquet(file: InputFile, handle, options: StorageOptions | None) -> It
         for record in table.to_pylist():
             ref = f"{file.ref}#row={row_index}"
             order = order_key(file.input_index, file.file_index, row_index)
-            if kind is None:
-                yield _schema_reject(record, order, ref, sorted(names))
+            if curated:
+                yield _from_curated(record, order, ref, base_dir, options)
+            elif kind is None:
+                yield _schema_reject(record, order, ref,
+                                     f"neither a raw T2I nor a raw edit table (columns {sorted(names)})")
             else:
                 yield parse_record(record, order=order, input_ref=ref, base_dir=base_dir, options=options,
                                    kind=kind)
             row_index += 1
 
 
-def _schema_reject(record: dict, order: int, ref: str, names: list[str]) -> dict:
+def _from_curated(record: dict, order: int, ref: str, base_dir: str, options: StorageOptions | None) -> dict:
+    raw, task = curated_to_raw(record)
+    if task not in ("t2i", "edit"):
+        return _schema_reject(raw, order, ref, f"curated row: task must be 't2i' or 'edit', got {task!r}")
+    row = parse_record(raw, order=order, input_ref=ref, base_dir=base_dir, options=options, kind=task)
+    if record.get("caption_origin") in (b"captioned", "captioned") and row.get("caption_origin") == "given":
+        row["caption_origin"] = "captioned"  # a caption the first curate wrote stays marked as one
+    return row
+
+
+def _schema_reject(record: dict, order: int, ref: str, detail: str) -> dict:
     row = new_row(order=order, input=ref)
     rid = record.get("id")
     if isinstance(rid, bytes):
@@ -127,7 +155,7 @@ def _schema_reject(record: dict, order: int, ref: str, names: list[str]) -> dict
             row["id"] = rid.decode("utf-8")
         except UnicodeDecodeError:
             pass
-    return reject(row, STAGE, "schema", f"neither a raw T2I nor a raw edit table (columns {names})")
+    return reject(row, STAGE, "schema", detail)
 
 
 # -- JSONL / JSON ------------------------------------------------------------------------------

@@ -153,6 +153,25 @@ def test_curated_output_follows_the_contract(local_run):
     assert "TagRows" in (stats / "filter_tag.txt").read_text() and (stats / "write.txt").stat().st_size > 0
 
 
+def test_a_curated_set_curates_again_to_another_composition(world, local_run):
+    """Rebalancing an existing curated set: its directory is the input, every row is kept or
+    rejected with a reason, and the kept rows are the first run's rows unchanged."""
+    from pipelines.curate.run import run_curate
+
+    _, first = local_run
+    out = str(world / "out-again")
+    report = run_curate(_config("text", **{"filters.nsfw.enabled": False}), [first], out)
+    assert report["input_rows"] == 240 == report["kept_rows"] + report["rejected_rows"]
+    assert report["exact"] and report["target"] == {"t2i": {"text": 80}}
+    assert report["achieved"] == {"t2i": {"landscape": 0, "portrait": 0, "text": 80}}
+    assert {r["reason"] for r in _rejects(out)} == {"over_budget"}
+    _, before = _curated(first)
+    _, after = _curated(out)
+    by_id = {r["id"]: r for r in before.to_pylist()}
+    for row in after.to_pylist():
+        assert (row["prompt"], row["category"], row["image"]) == tuple(by_id[row["id"]][k] for k in ("prompt", "category", "image"))
+
+
 def test_s3_run_publishes_the_same_dataset(world, local_run, s3_bucket, s3_options):
     from pipelines.curate.run import run_curate
 

@@ -124,3 +124,36 @@ def test_list_inputs_errors_and_order(tmp_path):
         (tmp_path / "d" / name).write_bytes(b"")
     files = list_inputs([str(tmp_path / "d")], [".parquet", ".jsonl"], None)
     assert [f.label for f in files] == ["d/a.jsonl", "d/b.parquet"]  # sorted; manifests left out
+
+
+def test_a_curated_dataset_reads_back_as_raw_records(tmp_path):
+    """A curate output is a valid input (curate again to another composition): its directory
+    yields the manifest's parts only, rows map back to the raw contract, bad rows are rejects."""
+    from fewstep.contract import CURATED_SCHEMA
+
+    out = tmp_path / "curated-set"
+    (out / "curated").mkdir(parents=True)
+    (out / "rejects").mkdir()
+    common = {"source": "bench", "meta": "{}", "caption_origin": "given"}
+    rows = [
+        {"id": "t-1", "origin_id": "t-1", "task": "t2i", "prompt": "a red square", "category": "portrait",
+         "image": _png(), "source_image": None, **common},
+        {"id": "e-1", "origin_id": "e-1", "task": "edit", "prompt": "make it blue", "category": "scene",
+         "image": _png((0, 0, 255)), "source_image": _png(), **common, "caption_origin": "captioned"},
+        {"id": "x-1", "origin_id": "x-1", "task": "video", "prompt": "p", "category": "scene",
+         "image": _png(), "source_image": None, **common},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, schema=CURATED_SCHEMA), out / "curated" / "part-00000.parquet")
+    pq.write_table(pa.table({"id": ["r"]}), out / "rejects" / "part-00000.parquet")
+    (out / "manifest.json").write_text(json.dumps(
+        {"kind": "curated", "shards": [{"path": "curated/part-00000.parquet"}]}))
+
+    (file,) = list_inputs([str(out)], [".parquet"], None)
+    assert file.label == "curated-set/curated/part-00000.parquet"
+    t_row, e_row, bad = iter_file_rows(file, None)
+    assert (t_row["task"], t_row["prompt"], t_row["category"], t_row["reason"]) == ("t2i", "a red square", "portrait", None)
+    assert t_row["image"] == rows[0]["image"] and t_row["source_image"] is None
+    assert (e_row["task"], e_row["prompt"], e_row["category"], e_row["reason"]) == ("edit", "make it blue", "scene", None)
+    assert (e_row["image"], e_row["source_image"]) == (rows[1]["image"], rows[1]["source_image"])
+    assert e_row["caption_origin"] == "captioned"
+    assert (bad["id"], bad["reason"]) == ("x-1", "schema") and "'video'" in bad["detail"]
