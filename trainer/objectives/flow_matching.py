@@ -31,6 +31,7 @@ from trainer.objectives.base import (
     OptimizerConfig,
     TrainState,
 )
+from trainer.objectives.dmd_math import renoise
 from trainer.objectives.flow_heldout import HeldoutConfig, HeldoutScorer
 from trainer.teachers.init import InitConfig, prepare_pipeline_dir
 
@@ -157,7 +158,7 @@ class FlowMatchingObjective(Objective):
         eps = torch.randn(x.shape, generator=g).to(x.device)
         drop = torch.rand(n, generator=g) < self.config.caption_dropout
         t = t.to(x.device)
-        z = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * eps
+        z = renoise(x, t, eps)  # the one definition of the path, shared with DMD
         target = eps - x
         embeds, mask = self._conditions(batch, drop)
         total = x.new_zeros(())
