@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class ValidationConfig(StrictModel):
-    every: int = Field(0, ge=0, description="Validate every N steps (and at steps 0 and the last); "
+    every: int = Field(0, ge=0, description="Validate every N steps (and at step 0 and the last, "
+                       "also when train.max_minutes stops the run); "
                        "0 disables.")
     benches: list[BenchName] = Field(
         ["t2i-bench-val"], min_length=1,

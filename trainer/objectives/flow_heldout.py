@@ -4,7 +4,8 @@ The training loss alone cannot tell: on a small corpus trained for hundreds of e
 falling while the loss on rows the model never saw stalls (measured on the shipped tiny base:
 0.008 on its training rows against 0.025 on a fresh corpus at t = 0.6, docs/teachers.md).
 
-Every ``heldout.every`` steps (and at the first and the last step) the model is scored on a fixed
+Every ``heldout.every`` steps (and at the first and the last step, also one where
+``train.max_minutes`` stops the run) the model is scored on a fixed
 sample of rows of a held-out shard dataset, with the same fixed noise and the same fixed
 timesteps each time, without caption dropout; the same protocol on a fixed sample of the
 training rows gives ``train_fixed_loss``, so ``heldout_ratio`` (held-out over training) reads as
@@ -36,7 +37,8 @@ class HeldoutConfig(StrictModel):
     uri: str | None = Field(
         None, description="Held-out shard dataset (a precompute output made with the same teacher "
         "encoders as data.uri, from rows never trained on, e.g. a corpus built with another seed).")
-    every: int = Field(0, ge=0, description="Score every N steps (and at the first and last); 0 disables.")
+    every: int = Field(0, ge=0, description="Score every N steps (and at the first and last, also when "
+                       "train.max_minutes stops the run); 0 disables.")
     rows: int = Field(256, ge=1, description="Rows scored from each dataset (a fixed seeded sample).")
     timesteps: list[float] = Field(
         [0.3, 0.6, 0.9], min_length=1, description="Fixed t values; each row is scored at each.")
