@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from fewstep import storage
+from fewstep import contract, storage
 from fewstep.storage import StorageOptions
 from pipelines.curate.parse import EDIT_KEYS, STAGE, curated_to_raw, parse_record
 from pipelines.curate.records import from_rows, new_row, order_key, reject
@@ -70,13 +70,18 @@ def list_inputs(inputs: list[str], extensions: list[str], options: StorageOption
 
 def _curated_parts(uri: str, options: StorageOptions | None) -> list[str] | None:
     """The data files of a curate output directory, or None if ``uri`` is not one."""
-    manifest_uri = storage.join(uri, "manifest.json")
+    manifest_uri = storage.join(uri, contract.MANIFEST_NAME)
     if not storage.exists(manifest_uri, options):
         return None
     manifest = storage.read_json(manifest_uri, options)
     if not isinstance(manifest, dict) or manifest.get("kind") != "curated":
         return None
-    return [storage.join(uri, entry["path"]) for entry in manifest.get("shards", [])]
+    try:
+        contract.check_manifest(manifest, expected_kind="curated")
+    except contract.ContractError as exc:
+        raise InputError(f"--input {uri}: a curate output with a broken {contract.MANIFEST_NAME} ({exc}); "
+                         "re-run that curate") from None
+    return [storage.join(uri, entry["path"]) for entry in manifest["shards"]]
 
 
 def _base_dir(uri: str) -> str:

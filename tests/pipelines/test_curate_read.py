@@ -129,7 +129,7 @@ def test_list_inputs_errors_and_order(tmp_path):
 def test_a_curated_dataset_reads_back_as_raw_records(tmp_path):
     """A curate output is a valid input (curate again to another composition): its directory
     yields the manifest's parts only, rows map back to the raw contract, bad rows are rejects."""
-    from fewstep.contract import CURATED_SCHEMA
+    from fewstep.contract import CURATED_SCHEMA, ShardEntry, build_manifest
 
     out = tmp_path / "curated-set"
     (out / "curated").mkdir(parents=True)
@@ -145,8 +145,13 @@ def test_a_curated_dataset_reads_back_as_raw_records(tmp_path):
     ]
     pq.write_table(pa.Table.from_pylist(rows, schema=CURATED_SCHEMA), out / "curated" / "part-00000.parquet")
     pq.write_table(pa.table({"id": ["r"]}), out / "rejects" / "part-00000.parquet")
-    (out / "manifest.json").write_text(json.dumps(
-        {"kind": "curated", "shards": [{"path": "curated/part-00000.parquet"}]}))
+    part = out / "curated" / "part-00000.parquet"
+    entry = ShardEntry("curated/part-00000.parquet", len(rows), "0" * 64, part.stat().st_size)
+    manifest = build_manifest(kind="curated", config={}, config_hash="test", shards=[entry])
+    (out / "manifest.json").write_text(json.dumps({**manifest, "shards": [{"path": entry.path}]}))
+    with pytest.raises(InputError, match=r"broken manifest.json .*shards\[0\]\.rows"):
+        list_inputs([str(out)], [".parquet"], None)
+    (out / "manifest.json").write_text(json.dumps(manifest))
 
     (file,) = list_inputs([str(out)], [".parquet"], None)
     assert file.label == "curated-set/curated/part-00000.parquet"
