@@ -174,3 +174,60 @@ def test_vae_decoder_finetune_keeps_the_latent_space(tmp_path):
     error_before = (before.decode_latents(latents) - target).abs().mean()
     error_after = (after.decode_latents(latents) - target).abs().mean()
     assert error_after < 0.8 * error_before, (float(error_before), float(error_after))
+
+
+def test_vae_anchor_needs_a_trained_encoder():
+    from pydantic import ValidationError
+
+    from trainer.objectives.vae import VAEConfig
+
+    init = {"from": "pretrained", "path": "assets/teachers/base"}
+    with pytest.raises(ValidationError, match="objective.anchor_weight"):
+        VAEConfig.model_validate({"init": init, "train_encoder": False, "anchor_weight": 0.1})
+    assert VAEConfig.model_validate({"init": init, "anchor_weight": 0.1}).anchor_weight == 0.1
+
+
+def test_vae_anchor_keeps_the_latents_near_the_init_encoder(tmp_path):
+    """anchor_weight lets the encoder train while its latents (in latents_std units) stay close to
+    the init's, so transformers trained on the old latents still fit them."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from fewstep.models.adapter import QwenImageAdapter
+    from trainer.runtime.launch import launch
+    from trainer.runtime.metrics import read_metrics
+
+    pipeline = str(REPO / "assets" / "teachers" / "base")
+    curated = write_synthetic_curated(str(tmp_path / "curated"), rows=16, edit_rows=4, size=64)
+    table = pq.read_table(next(Path(curated, "curated").glob("*.parquet")))
+    images = [Image.open(io.BytesIO(b)) for b in table.column("image").to_pylist()]
+    before = QwenImageAdapter.load(pipeline, components=("vae",))
+    start = before.vae.state_dict()
+    std = torch.tensor(before.vae.config.latents_std).view(1, -1, 1, 1)
+
+    drift = {}
+    for weight in (0.0, 10.0):
+        run_dir = tmp_path / f"anchor-{weight:g}"
+        result = launch(_vae_run(run_dir, curated, pipeline, steps=12, log_every=6, batch_size=8, lr=1e-3,
+                                 edge_weight=1.0, anchor_weight=weight, stats_batches=2))
+        records = read_metrics(result.run_uri)
+        if weight > 0:
+            assert all(r["latent_drift"] >= 0 for r in records) and records[-1]["latent_drift"] > 0
+        else:
+            assert "latent_drift" not in records[-1]
+        after = QwenImageAdapter.load(result.final_uri, components=("vae",))
+        trained = after.vae.state_dict()
+        encoder = [k for k in start if k.startswith(("encoder.", "quant_conv."))]
+        assert any(not torch.equal(start[k], trained[k]) for k in encoder), "the encoder did not train"
+        drift[weight] = float(((_posterior_mean(after, images) - _posterior_mean(before, images)) / std)
+                              .pow(2).mean())
+    assert drift[10.0] < 0.5 * drift[0.0], drift
+
+
+def _posterior_mean(adapter, images) -> torch.Tensor:
+    """Raw (unnormalised) posterior means of ``images``, in float32."""
+    x = adapter.images_to_tensor(images).to(adapter.vae.dtype)
+    with torch.no_grad():
+        return adapter.vae.encode(x[:, :, None]).latent_dist.mean[:, :, 0].float()

@@ -11,6 +11,11 @@ export is the whole pipeline directory with the new VAE in it.
 ``train_encoder: false`` fine-tunes the decoder alone. The encoder, and so the latent space and
 its ``latents_mean`` / ``latents_std``, stay exactly as they were: every transformer and every
 shard made with the old VAE keeps working, and only what the latents decode to gets better.
+
+``anchor_weight`` (with the encoder trained) adds ``anchor * mean(((m - m0) / latents_std)^2)``:
+``m0`` is the posterior mean of a frozen copy of the init's encoder, so the latent space may move
+only as far as the reconstruction needs (in the units the transformer sees). Transformers made on
+the old latents then need a short fine-tune, not a new training from scratch.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fewstep.config import StrictModel
 from trainer.objectives.base import ModelSpec, Objective, ObjectiveEnv, OptimizerConfig, TrainState
@@ -42,28 +47,55 @@ class VAEConfig(StrictModel):
                                                           "(keeps thin strokes such as text sharp).")
     train_encoder: bool = Field(True, description="false: fine-tune the decoder only, keeping the latent "
                                                   "space (and every transformer trained on it) unchanged.")
+    anchor_weight: float = Field(0.0, ge=0, description="Keep the encoder's latents near the init encoder's: "
+                                                            "weight of their mean squared distance in "
+                                                            "latents_std units (needs train_encoder: true).")
     use_source_images: bool = Field(True, description="Also train on edit rows' source images.")
     stats_batches: int = Field(16, ge=1, description="Batches per rank that set latents_mean/std after training.")
 
+    @model_validator(mode="after")
+    def _anchor_needs_encoder(self) -> VAEConfig:
+        if self.anchor_weight > 0 and not self.train_encoder:
+            raise ValueError("objective.anchor_weight: anchors a trained encoder to its init; with "
+                             "train_encoder: false the latents cannot move. Set anchor_weight: 0 or "
+                             "train_encoder: true")
+        return self
+
 
 class VAEReconstruction(torch.nn.Module):
-    """Forward = encode, reparameterised sample with given noise, decode (one image frame)."""
+    """Forward = encode, reparameterised sample with given noise, decode (one image frame).
 
-    def __init__(self, vae: torch.nn.Module, train_encoder: bool = True):
+    With ``anchor``, a frozen copy of the encoder as it is now also encodes the batch; forward then
+    returns its posterior mean too (else ``None``).
+    """
+
+    def __init__(self, vae: torch.nn.Module, train_encoder: bool = True, anchor: bool = False):
         super().__init__()
         self.vae = vae
         self.train_encoder = train_encoder
         if not train_encoder:
             for part in (vae.encoder, vae.quant_conv):
                 part.requires_grad_(False)
+        self.anchor_encoder: torch.nn.Module | None = None
+        if anchor:
+            import copy
+
+            # The whole VAE is copied (1.9 M parameters at tiny scale) so that its own ``encode``,
+            # with its causal-conv cache handling, defines the anchor; the copy's decoder is unused.
+            self.anchor_encoder = copy.deepcopy(vae).requires_grad_(False).eval()
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor):
+        frames = images[:, :, None]
         with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
-            posterior = self.vae.encode(images[:, :, None]).latent_dist
+            posterior = self.vae.encode(frames).latent_dist
         mean, logvar = posterior.mean, posterior.logvar
         z = mean + torch.exp(0.5 * logvar) * noise[:, :, None].to(mean)
         recon = self.vae.decode(z, return_dict=False)[0]
-        return recon[:, :, 0], mean[:, :, 0], logvar[:, :, 0]
+        anchor_mean = None
+        if self.anchor_encoder is not None:
+            with torch.no_grad():
+                anchor_mean = self.anchor_encoder.encode(frames).latent_dist.mean[:, :, 0]
+        return recon[:, :, 0], mean[:, :, 0], logvar[:, :, 0], anchor_mean
 
 
 def edge_l1(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -102,17 +134,32 @@ class VAEObjective(Objective):
         if self.resolution % multiple:
             raise ValueError(f"objective.resolution: {self.resolution} must be a multiple of {multiple}")
         channels = self.adapter.latent_channels
+        self.latents_std = self._init_latents_std(channels)
         self.stats = {"sum": torch.zeros(channels, dtype=torch.float64),
                       "sumsq": torch.zeros(channels, dtype=torch.float64),
                       "count": torch.zeros((), dtype=torch.float64)}
 
+    def _init_latents_std(self, channels: int) -> torch.Tensor:
+        """The init VAE's per-channel latents_std (the anchor's unit); 1 where it has none."""
+        std = getattr(self.adapter.vae.config, "latents_std", None)
+        if self.config.anchor_weight > 0 and (std is None or len(std) != channels):
+            raise ValueError("objective.anchor_weight: the init VAE has no latents_std for its "
+                             f"{channels} latent channels; anchor a trained VAE (one whose training "
+                             "wrote latents_mean/std), or set anchor_weight: 0")
+        return torch.tensor(std if std is not None and len(std) == channels else [1.0] * channels,
+                            dtype=torch.float32).view(1, channels, 1, 1)
+
     def describe(self) -> str:
         part = "VAE" if self.config.train_encoder else "VAE decoder (encoder frozen)"
+        if self.config.anchor_weight > 0:
+            part += f" (latents anchored to the init's, weight {self.config.anchor_weight:g})"
         return f"{part} reconstruction at {self.resolution}px"
 
     def model_specs(self) -> list[ModelSpec]:
-        return [ModelSpec("vae", build=lambda: VAEReconstruction(self.adapter.vae, self.config.train_encoder), trainable=True,
-                          optimizer=self.config.optimizer)]
+        cfg = self.config
+        return [ModelSpec("vae", build=lambda: VAEReconstruction(self.adapter.vae, cfg.train_encoder,
+                                                                anchor=cfg.anchor_weight > 0),
+                          trainable=True, optimizer=cfg.optimizer)]
 
     def collate(self, rows: dict[str, np.ndarray], device: torch.device) -> torch.Tensor:
         images = []
@@ -133,7 +180,7 @@ class VAEObjective(Objective):
         f = self.adapter.vae_scale_factor
         noise = torch.randn((b, self.adapter.latent_channels, h // f, w // f), generator=state.generator)
         with state.autocast():
-            recon, mean, logvar = handle.net(state.cast(batch), state.cast(noise))
+            recon, mean, logvar, anchor_mean = handle.net(state.cast(batch), state.cast(noise))
         recon, mean, logvar = recon.float(), mean.float(), logvar.float()
         diff = recon - batch
         l1 = diff.abs().mean()
@@ -145,6 +192,10 @@ class VAEObjective(Objective):
             edge = edge_l1(recon, batch)
             loss = loss + cfg.edge_weight * edge
             metrics["edge"] = float(edge.detach())
+        if anchor_mean is not None:
+            drift = ((mean - anchor_mean.float()) / self.latents_std.to(mean)).pow(2).mean()
+            loss = loss + cfg.anchor_weight * drift
+            metrics["latent_drift"] = float(drift.detach())
         handle.backward(loss)
         stepped = handle.step()
         psnr = -10.0 * torch.log10(l2.detach() / 4.0 + 1e-12)  # images span [-1, 1]: peak-to-peak 2
@@ -165,7 +216,7 @@ class VAEObjective(Objective):
             f = self.adapter.vae_scale_factor
             zeros = torch.zeros((b, self.adapter.latent_channels, h // f, w // f))
             with state.autocast():
-                _, mean, _ = handle.net(state.cast(batch), state.cast(zeros))
+                _, mean, _, _ = handle.net(state.cast(batch), state.cast(zeros))
             m = mean.detach().double().cpu()
             self.stats["sum"] += m.sum(dim=(0, 2, 3))
             self.stats["sumsq"] += m.pow(2).sum(dim=(0, 2, 3))
