@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from typing import Any
@@ -62,3 +63,27 @@ def describe(uri: str, options: StorageOptions | None = None) -> dict[str, Any]:
         info["latent_shape"] = [vae["z_dim"], side, side]
         info["image_tokens"] = (side // 2) ** 2
     return info
+
+
+WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder")
+
+
+def fingerprint(uri: str, options: StorageOptions | None = None) -> dict[str, str]:
+    """Per component, a short sha256 over its weight files (names and contents).
+
+    A directory path says where a model was, not what was there: two evaluations of the "same"
+    path before and after a component was replaced compare different models. Recording this beside
+    the path makes such comparisons checkable (equal digests: bit-identical weights).
+    """
+    source = PipelineDir(uri, options)
+    out: dict[str, str] = {}
+    for name in WEIGHT_COMPONENTS:
+        if not source.has(name):
+            continue
+        folder = storage.join(source.uri, name)
+        digest = hashlib.sha256()
+        for path in sorted(f for f in storage.list_files(folder, options=options) if f.endswith(".safetensors")):
+            digest.update(path.rsplit("/", 1)[-1].encode())
+            digest.update(bytes.fromhex(storage.sha256_of(path, options)))
+        out[name] = digest.hexdigest()[:16]
+    return out

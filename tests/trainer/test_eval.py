@@ -37,6 +37,31 @@ def test_resolve_model_defaults(models):
     s = resolve_model(ModelEntry(name="s", path=student, role="student"))
     assert (t["nfe"], t["guidance_scale"]) == (80, 4.0)
     assert (s["nfe"], s["guidance_scale"], s["shift"]) == (STUDENT_NFE, 1.0, 2.0)
+    # The fixture's student is the teacher's transformer exported unchanged: same digests.
+    assert set(t["weights"]) == {"transformer", "vae", "text_encoder"} and s["weights"] == t["weights"]
+
+
+def test_model_fingerprint_tells_a_changed_component(models, tmp_path):
+    """Eval reports record a digest per component, so a path whose weights changed is visible."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fewstep.models.info import fingerprint
+
+    _, _, student = models
+    copy = tmp_path / "student-copy"
+    shutil.copytree(student, copy)
+    assert fingerprint(str(copy)) == fingerprint(student)
+    weights = next((copy / "transformer").glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, weights)
+    changed, original = fingerprint(str(copy)), fingerprint(student)
+    assert changed["transformer"] != original["transformer"]
+    assert {k: v for k, v in changed.items() if k != "transformer"} == \
+        {k: v for k, v in original.items() if k != "transformer"}
 
 
 def test_eval_writes_cases_tables_grids_with_nfe_counts(models, ray_cluster):
@@ -56,6 +81,7 @@ def test_eval_writes_cases_tables_grids_with_nfe_counts(models, ray_cluster):
     out = root / "report"
     report = run_eval(cfg, str(out), progress=False)
     teacher_m, student_m = report["models"]["teacher"], report["models"]["student"]
+    assert teacher_m["weights"]["vae"] and teacher_m["weights"] == student_m["weights"]
     assert teacher_m["nfe"] == TEACHER_NFE and student_m["nfe"] == STUDENT_NFE
     assert teacher_m["network_calls_per_image"] == 2 * TEACHER_NFE  # true CFG: cond + uncond
     assert student_m["network_calls_per_image"] == STUDENT_NFE

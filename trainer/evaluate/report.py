@@ -3,7 +3,10 @@
 Layout under the output URI (local or s3://)::
 
     report.json                     every number below, per model and bench, and ``paired``:
-                                    each student vs each teacher case by case (compare.py)
+                                    each student vs each teacher case by case (compare.py);
+                                    per model its path and ``weights``, a digest per component
+                                    (models.info.fingerprint), so a later run can tell whether a
+                                    path still holds the same model
     report.md                       the tables, readable
     tables/<bench>.md, .csv         models x categories (mean score), NFE, calls and s per image
     cases/<model>/<bench>.jsonl     one JSON per case and draw: prompt, seed, draw, score, verdict, timings
@@ -53,6 +56,7 @@ def summarise(models: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[
         seconds = [r["encode_s"] + r["sample_s"] + r["decode_s"] for r in mine]
         out[model["name"]] = {
             **{k: model[k] for k in ("role", "nfe", "guidance_scale", "shift", "path")},
+            "weights": model.get("weights", {}),
             "images": len(mine),
             "seconds_per_image": _mean(seconds),
             "sample_seconds_per_image": _mean([r["sample_s"] for r in mine]),

@@ -26,6 +26,7 @@ TEACHER_NFE, TEACHER_CFG = 80, 4.0
 
 def resolve_model(entry: ModelEntry, storage: StorageOptions | None = None) -> dict[str, Any]:
     """Fill a model's NFE, CFG and shift from its role and its directory's metadata."""
+    from fewstep.models.info import fingerprint
     from trainer.export import default_sampling
 
     found = default_sampling(entry.path, storage)
@@ -38,7 +39,7 @@ def resolve_model(entry: ModelEntry, storage: StorageOptions | None = None) -> d
         cfg = entry.guidance_scale if entry.guidance_scale is not None else TEACHER_CFG
     shift = entry.shift if entry.shift is not None else found["shift"]
     return {"name": entry.name, "path": entry.path, "role": role, "nfe": int(nfe),
-            "guidance_scale": float(cfg), "shift": float(shift)}
+            "guidance_scale": float(cfg), "shift": float(shift), "weights": fingerprint(entry.path, storage)}
 
 
 def plan_items(config: EvalConfig, models: list[dict[str, Any]]) -> list[dict[str, Any]]:
