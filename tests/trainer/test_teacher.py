@@ -20,7 +20,7 @@ def world(tmp_path_factory):
     return ensure_tiny_world(tmp_path_factory.getbasetemp() / "tiny-world")
 
 
-@pytest.mark.parametrize("name", ["vae", "vae-decoder", "base", "text-specialist"])
+@pytest.mark.parametrize("name", ["vae", "vae-decoder", "vae-anchored", "base", "text-specialist"])
 def test_shipped_teacher_configs_validate(name):
     from trainer.runtime.config import load_train_config
 
@@ -29,6 +29,8 @@ def test_shipped_teacher_configs_validate(name):
     assert config.objective_name() == ("vae" if name.startswith("vae") else "flow_matching")
     if name == "vae-decoder":
         assert objective.train_encoder is False and objective.init.path.endswith("assets/teachers/base")
+    if name == "vae-anchored":
+        assert objective.train_encoder is True and objective.anchor_weight > 0
     if name == "text-specialist":
         assert config.data.categories == ["text"]
         assert objective.init.path.endswith("teacher-base/final")
