@@ -213,13 +213,18 @@ def test_vae_anchor_keeps_the_latents_near_the_init_encoder(tmp_path):
     for weight in (0.0, 10.0):
         run_dir = tmp_path / f"anchor-{weight:g}"
         result = launch(_vae_run(run_dir, curated, pipeline, steps=12, log_every=6, batch_size=8, lr=1e-3,
-                                 edge_weight=1.0, anchor_weight=weight, stats_batches=2))
+                                 edge_weight=1.0, anchor_weight=weight, stats_batches=2,
+                                 keep_latent_stats=weight > 0))
         records = read_metrics(result.run_uri)
         if weight > 0:
             assert all(r["latent_drift"] >= 0 for r in records) and records[-1]["latent_drift"] > 0
         else:
             assert "latent_drift" not in records[-1]
         after = QwenImageAdapter.load(result.final_uri, components=("vae",))
+        # keep_latent_stats (the anchored run) keeps the init's normalisation; else it is re-measured.
+        kept = (after.vae.config.latents_mean, after.vae.config.latents_std) == \
+            (before.vae.config.latents_mean, before.vae.config.latents_std)
+        assert kept == (weight > 0)
         trained = after.vae.state_dict()
         encoder = [k for k in start if k.startswith(("encoder.", "quant_conv."))]
         assert any(not torch.equal(start[k], trained[k]) for k in encoder), "the encoder did not train"
