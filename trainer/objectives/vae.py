@@ -22,6 +22,7 @@ anyway (by up to 0.12 std on a text-heavy mix, session 15): ``keep_latent_stats`
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 from pathlib import Path
@@ -66,6 +67,11 @@ class VAEConfig(StrictModel):
                              "train_encoder: true")
         return self
 
+    @property
+    def measures_latent_stats(self) -> bool:
+        """Whether the run ends by measuring new latents_mean/std (a moved encoder, not kept)."""
+        return self.train_encoder and not self.keep_latent_stats
+
 
 class VAEReconstruction(torch.nn.Module):
     """Forward = encode, reparameterised sample with given noise, decode (one image frame).
@@ -83,8 +89,6 @@ class VAEReconstruction(torch.nn.Module):
                 part.requires_grad_(False)
         self.anchor_encoder: torch.nn.Module | None = None
         if anchor:
-            import copy
-
             # The whole VAE is copied (1.9 M parameters at tiny scale) so that its own ``encode``,
             # with its causal-conv cache handling, defines the anchor; the copy's decoder is unused.
             self.anchor_encoder = copy.deepcopy(vae).requires_grad_(False).eval()
@@ -139,20 +143,19 @@ class VAEObjective(Objective):
         if self.resolution % multiple:
             raise ValueError(f"objective.resolution: {self.resolution} must be a multiple of {multiple}")
         channels = self.adapter.latent_channels
-        self.latents_std = self._init_latents_std(channels)
+        self.anchor_std = self._anchor_std(channels) if config.anchor_weight > 0 else None
         self.stats = {"sum": torch.zeros(channels, dtype=torch.float64),
                       "sumsq": torch.zeros(channels, dtype=torch.float64),
                       "count": torch.zeros((), dtype=torch.float64)}
 
-    def _init_latents_std(self, channels: int) -> torch.Tensor:
-        """The init VAE's per-channel latents_std (the anchor's unit); 1 where it has none."""
+    def _anchor_std(self, channels: int) -> torch.Tensor:
+        """The init VAE's per-channel latents_std: the unit the anchor measures drift in."""
         std = getattr(self.adapter.vae.config, "latents_std", None)
-        if self.config.anchor_weight > 0 and (std is None or len(std) != channels):
+        if std is None or len(std) != channels:
             raise ValueError("objective.anchor_weight: the init VAE has no latents_std for its "
                              f"{channels} latent channels; anchor a trained VAE (one whose training "
                              "wrote latents_mean/std), or set anchor_weight: 0")
-        return torch.tensor(std if std is not None and len(std) == channels else [1.0] * channels,
-                            dtype=torch.float32).view(1, channels, 1, 1)
+        return torch.tensor(std, dtype=torch.float32).view(1, channels, 1, 1)
 
     def describe(self) -> str:
         part = "VAE" if self.config.train_encoder else "VAE decoder (encoder frozen)"
@@ -198,7 +201,7 @@ class VAEObjective(Objective):
             loss = loss + cfg.edge_weight * edge
             metrics["edge"] = float(edge.detach())
         if anchor_mean is not None:
-            drift = ((mean - anchor_mean.float()) / self.latents_std.to(mean)).pow(2).mean()
+            drift = ((mean - anchor_mean.float()) / self.anchor_std.to(mean)).pow(2).mean()
             loss = loss + cfg.anchor_weight * drift
             metrics["latent_drift"] = float(drift.detach())
         handle.backward(loss)
@@ -210,7 +213,7 @@ class VAEObjective(Objective):
     @torch.no_grad()
     def finalize(self, state: TrainState) -> None:
         """Latent statistics of the final encoder (collective: every rank pulls the same batches)."""
-        if not self.config.train_encoder or self.config.keep_latent_stats:
+        if not self.config.measures_latent_stats:
             return  # the encoder did not change, or the init's statistics are kept on purpose
         if state.next_batch is None:
             raise RuntimeError("the VAE objective needs state.next_batch to gather latent statistics")
@@ -243,10 +246,8 @@ class VAEObjective(Objective):
     def export(self, state: TrainState, out_dir: Path) -> None:
         vae = state.models["vae"].module.vae
         if next(vae.parameters()).dtype != torch.float32:
-            import copy
-
             vae = copy.deepcopy(vae).float()
-        if self.config.train_encoder and not self.config.keep_latent_stats:
+        if self.config.measures_latent_stats:
             mean, std = self.latent_statistics()
             vae.register_to_config(latents_mean=mean, latents_std=std)
             log.info("VAE latents_mean %s latents_std %s", np.round(mean, 3).tolist(), np.round(std, 3).tolist())
