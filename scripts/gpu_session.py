@@ -3,7 +3,11 @@
 The recipe of docs/teachers.md and docs/results.md on a single-GPU box without Ray or DeepSpeed
 (local launcher, local precompute executor), every stage under one wall-clock deadline:
 
-1. precompute: shards from a curate output with the shipped base pipeline (text encoder, VAE);
+0. optionally, the VAE: the whole VAE (encoder too) fine-tuned, anchored to its old latents and
+   keeping its latent statistics (configs/teacher/vae-anchored.yaml), so the stages below encode
+   and train on the new latents;
+1. precompute: shards from one or more curate outputs with that pipeline (text encoder, VAE);
+   several become one training set (``data.uri`` as a list);
 2. base teacher: continue ``--base-init`` with a constant learning rate, then anneal it linearly
    to zero (warm-up / stable / decay), the decay sized from the measured steps/s;
 3. text specialist: the new base fine-tuned on the ``text`` category, also annealed;
@@ -14,6 +18,8 @@ Each result is exported as an fp16 pipeline under ``--work/export`` as soon as i
 transformer is copied to ``--out/<name>.safetensors`` (what a short lease brings back):
 
     python scripts/gpu_session.py --curated runs/curated/standard --out /tmp/out --minutes 8.5
+    python scripts/gpu_session.py --curated runs/curated/standard runs/curated/text-heavy \
+        --vae-minutes 0.2 0.08 --vae-curated runs/curated/text-heavy --dmd-minutes 0 --out /tmp/out
 
 Budgets are fractions of ``--minutes``; a stage that would not fit is skipped and says so.
 """
@@ -60,6 +66,15 @@ def _export(src: str, work: Path, out: Path, name: str) -> str:
     return str(dst)
 
 
+def _export_vae(src: str, work: Path, out: Path) -> str:
+    """The fine-tuned VAE's weights to ``out/vae.safetensors`` (its config travels in runs.tar.gz)."""
+    dst = work / "export" / "vae"
+    _export_fp16(src, dst)
+    shutil.copy(dst / "vae" / "diffusion_pytorch_model.safetensors", out / "vae.safetensors")
+    log.info("exported the VAE -> %s", dst)
+    return str(dst)
+
+
 def _annealed(config: str, name: str, common: dict, init: str, clock: Clock, stable_min: float,
               decay_min: float, runs: Path, extra: dict) -> str:
     """Constant lr for ``stable_min``, then a linear decay to 0 sized to fit ``decay_min``."""
@@ -86,7 +101,9 @@ def _annealed(config: str, name: str, common: dict, init: str, clock: Clock, sta
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--curated", required=True, help="curate output with images (URI)")
+    parser.add_argument("--curated", required=True, nargs="+",
+                        help="curate output(s) with images (URI); several are precomputed one by one and "
+                             "the teachers train on their union")
     parser.add_argument("--base-init", default=str(ROOT / "assets" / "teachers" / "base"))
     parser.add_argument("--work", default="runs/gpu-session")
     parser.add_argument("--out", required=True, help="fp16 transformers, logs and benchmark JSON")
@@ -96,6 +113,16 @@ def main() -> None:
                              "distils --base-init itself)")
     parser.add_argument("--text-minutes", type=float, nargs=2, default=(0.03, 0.04), metavar=("STABLE", "DECAY"),
                         help="text specialist budget as fractions of --minutes (0 0 skips)")
+    parser.add_argument("--vae-minutes", type=float, nargs=2, default=(0.0, 0.0), metavar=("STABLE", "DECAY"),
+                        help="anchored VAE fine-tune (configs/teacher/vae-anchored.yaml, encoder trained, the "
+                             "init's latent statistics kept) before precompute, as fractions of --minutes "
+                             "(0 0 skips: the shards use --base-init's VAE)")
+    parser.add_argument("--vae-curated", default=None,
+                        help="curate output the VAE trains on (default: the first --curated)")
+    parser.add_argument("--vae-batch", type=int, default=128, help="VAE rows per step")
+    parser.add_argument("--vae-lr", type=float, default=4e-4, help="VAE learning rate")
+    parser.add_argument("--vae-set", action="append", default=[],
+                        help="extra VAE override key=value (YAML value), repeatable")
     parser.add_argument("--dmd-minutes", type=float, default=0.28, help="DMD budget, fraction of --minutes")
     parser.add_argument("--batch", type=int, default=256, help="teacher rows per step")
     parser.add_argument("--lr", type=float, default=8e-4, help="teacher learning rate")
@@ -141,9 +168,28 @@ def main() -> None:
     timings: dict[str, float] = {}
     done: dict[str, str] = {}
     try:
+        minutes = args.minutes
+        init = normalize(args.base_init)
+        if sum(args.vae_minutes) > 0:
+            t = clock.elapsed_s()
+            stable, decay = (f * minutes for f in args.vae_minutes)
+            vae_common = {"launcher": "local", "device": device, "deepspeed.enabled": False,
+                          "train.progress": False, "train.log_every": 100, "train.checkpoint_every": 100000,
+                          "train.max_steps": 1_000_000, "train.batch_size": args.vae_batch,
+                          "data.uri": normalize(args.vae_curated or args.curated[0]),
+                          "objective.optimizer.lr": args.vae_lr, "objective.keep_latent_stats": True,
+                          "objective.optimizer.decay": "constant", "objective.optimizer.decay_start": None,
+                          "objective.optimizer.decay_steps": None, **parse_overrides(args.vae_set)}
+            init = _annealed("vae-anchored.yaml", "vae", vae_common, init, clock, stable, decay, runs, {})
+            timings["vae_s"] = clock.elapsed_s() - t
+            done["vae"] = _export_vae(init, work, out)
+
         t = clock.elapsed_s()
-        shards = str(work / "shards")
-        precompute_shards(normalize(args.base_init), normalize(args.curated), shards, device, batch_size=256)
+        roots = []
+        for index, curated in enumerate(args.curated):
+            roots.append(str(work / f"shards-{index}"))
+            precompute_shards(init, normalize(curated), roots[-1], device, batch_size=256)
+        shards: str | list[str] = roots[0] if len(roots) == 1 else roots
         timings["precompute_s"] = clock.elapsed_s() - t
 
         common = {"launcher": "local", "device": device, "deepspeed.enabled": False,
@@ -154,14 +200,13 @@ def main() -> None:
         heldout: dict = {}
         if args.heldout_curated:
             heldout_shards = str(work / "heldout-shards")
-            precompute_shards(normalize(args.base_init), normalize(args.heldout_curated), heldout_shards,
+            precompute_shards(init, normalize(args.heldout_curated), heldout_shards,
                               device, batch_size=256)
             heldout = {"objective.heldout.uri": heldout_shards,
                        "objective.heldout.every": args.heldout_every}
             timings["precompute_s"] = clock.elapsed_s() - t
         t = clock.elapsed_s()
-        minutes = args.minutes
-        base = normalize(args.base_init)
+        base = init
         if sum(args.base_minutes) > 0:
             stable, decay = (f * minutes for f in args.base_minutes)
             base = _annealed("base.yaml", "base", common, base, clock, stable, decay, runs, heldout)

@@ -188,8 +188,9 @@ class ObjectiveEnv:
     device: torch.device
     storage: StorageOptions | None
     run_uri: str  # the run folder (local path or s3://)
-    data_uri: str | None  # the dataset root the runtime streams (shards or curated)
+    data_uri: str | None  # the (first) dataset root the runtime streams (shards or curated)
     work_dir: Path  # a local scratch directory of this worker
+    data_uris: tuple[str, ...] = ()  # every root, when data.uri lists several (their union is streamed)
 
 
 @dataclass

@@ -45,6 +45,7 @@ from trainer.objectives.dmd_data import (
     load_empty_prompt,
 )
 from trainer.objectives.dmd_validation import ValidationConfig, Validator
+from trainer.runtime.data import union_totals
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +157,15 @@ class DMDObjective(Objective):
         self.adapter = QwenImageAdapter.load(cfg.base_uri(), components=(), storage=env.storage)
         self.sigmas = self.adapter.sigmas(cfg.student_steps, cfg.student_shift)
         self.empty = load_empty_prompt(env.data_uri, env.storage).to(state.device)
-        manifest = storage.read_json(storage.join(env.data_uri, "manifest.json"), env.storage)
-        totals = manifest.get("totals", {})
+        roots = env.data_uris or (env.data_uri,)
+        totals = union_totals(roots, env.storage)
         self.manifest_rows = int(totals.get("rows", 0))
         by_task = totals.get("by_task")
         if isinstance(by_task, dict):
             missing = [t for t in cfg.mixture.fractions() if not by_task.get(t)]
             if missing:
                 raise MixtureError(
-                    f"objective.mixture.ratio serves {missing} but {env.data_uri} holds no such rows "
+                    f"objective.mixture.ratio serves {missing} but {', '.join(roots)} holds no such rows "
                     f"(rows per task: {by_task}); set its weight to 0 or precompute such data")
         self.buffer: TaskBuffer | None = None
         self.mixer: MixtureScheduler | None = None

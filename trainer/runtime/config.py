@@ -69,8 +69,10 @@ class TrainSection(StrictModel):
 
 
 class DataSection(StrictModel):
-    uri: str | None = Field(
-        None, description="Dataset root (local or s3://) with manifest.json: precomputed shards or curated.")
+    uri: str | list[str] | None = Field(
+        None, description="Dataset root (local or s3://) with manifest.json: precomputed shards or curated. "
+                          "A list trains on the union of several roots of one kind, e.g. two corpora "
+                          "precomputed separately with the same teacher (checked when the run starts).")
     tasks: list[Literal["t2i", "edit"]] | None = Field(None, description="Keep only these tasks.")
     categories: list[str] | None = Field(None, description="Keep only these categories.")
     cache_mb: float = Field(
@@ -83,6 +85,31 @@ class DataSection(StrictModel):
                              "per row on a small CPU, time a GPU step waits for); 0 decodes every "
                              "batch. Local launcher and objectives that support it (flow_matching) only: "
                              "elsewhere a config error, never silently ignored.")
+
+    @field_validator("uri")
+    @classmethod
+    def _one_or_more_roots(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if not isinstance(value, list):
+            return value
+        if not value:
+            raise ValueError("an empty list: give one dataset root, or several to train on their union")
+        repeated = sorted({u for u in value if value.count(u) > 1})
+        if repeated:
+            raise ValueError(f"{repeated} listed more than once: list each dataset root once")
+        return value[0] if len(value) == 1 else value
+
+    @property
+    def uris(self) -> list[str]:
+        """The dataset roots, one or several (empty when unset)."""
+        if self.uri is None:
+            return []
+        return [self.uri] if isinstance(self.uri, str) else list(self.uri)
+
+    @property
+    def primary_uri(self) -> str | None:
+        """The first root: where objectives read dataset-wide files (the empty-prompt embedding);
+        every other root is checked to match it when the run starts."""
+        return self.uris[0] if self.uris else None
 
 
 class TestingSection(StrictModel):

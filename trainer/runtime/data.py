@@ -33,13 +33,19 @@ KIND_DIRS = {"shards": "shards", "curated": "curated"}
 
 @dataclass(frozen=True)
 class DataSource:
-    uri: str
+    uri: str  # the first root; ``roots`` lists every one
     kind: str
     files: tuple[str, ...]  # full URIs
-    manifest: dict
+    manifest: dict  # the first root's
     columns: tuple[str, ...] | None
     tasks: tuple[str, ...] | None
     categories: tuple[str, ...] | None
+    roots: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """The root(s), for logs and errors."""
+        return self.uri if len(self.roots) <= 1 else f"{len(self.roots)} roots ({', '.join(self.roots)})"
 
     def backend_paths(self) -> list[str]:
         return [storage._strip(f) for f in self.files]
@@ -65,12 +71,9 @@ class DataSource:
         return expr
 
 
-def open_source(section: DataSection, expected_kind: str, columns: tuple[str, ...] | None,
-                options: StorageOptions | None) -> DataSource:
-    """Check the manifest and list the parts; errors name the config field and the fix."""
-    if not section.uri:
-        raise ValueError(f"data.uri: required: the {expected_kind} dataset root this objective trains on")
-    uri = storage.normalize(section.uri)
+def _open_root(uri: str, expected_kind: str, options: StorageOptions | None) -> tuple[dict, tuple[str, ...]]:
+    """One root's checked manifest and parquet parts; errors name the config field and the fix."""
+    uri = storage.normalize(uri)
     manifest_uri = storage.join(uri, MANIFEST_NAME)
     if not storage.exists(manifest_uri, options):
         raise FileNotFoundError(
@@ -85,11 +88,72 @@ def open_source(section: DataSection, expected_kind: str, columns: tuple[str, ..
         files = tuple(storage.list_files(storage.join(uri, KIND_DIRS[expected_kind]), ".parquet", options))
     if not files:
         raise ValueError(f"data.uri: {uri} lists no parquet parts")
+    return manifest, files
+
+
+# Shard-manifest fields that must agree for rows of several roots to be trained on together: the
+# teacher that encoded them (its content digest, else its path), the empty-prompt embedding (the
+# text encoder), and the latent and text geometry.
+_SAME_ENCODING = (("teacher", "sha256"), ("teacher", "uri"), ("empty_prompt", "sha256"),
+                  ("latent_channels",), ("text_embed_dim",), ("vae_scale_factor",), ("extra", "latent_channels"))
+
+
+def _field(manifest: dict, path: tuple[str, ...]):
+    value = manifest
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def check_same_encoding(roots: list[str], manifests: list[dict]) -> None:
+    """A clear error when shard roots were encoded differently: their latents or embeddings would
+    mean different things, and a model trained on the union would learn neither."""
+    first = manifests[0]
+    for root, manifest in zip(roots[1:], manifests[1:]):
+        if storage.is_s3(root) != storage.is_s3(roots[0]):
+            raise ValueError(f"data.uri: {root} and {roots[0]} are on different stores (local and s3://); "
+                             "copy them to one store")
+        for path in _SAME_ENCODING:
+            if path == ("teacher", "uri") and _field(first, ("teacher", "sha256")) is not None:
+                continue  # the content digest decides; one teacher may be precomputed from two paths
+            a, b = _field(first, path), _field(manifest, path)
+            if a is not None and b is not None and a != b:
+                raise ValueError(
+                    f"data.uri: {root} was encoded differently from {roots[0]} ({'.'.join(path)}: "
+                    f"{b!r} vs {a!r}); precompute every listed root with the same teacher")
+
+
+def open_source(section: DataSection, expected_kind: str, columns: tuple[str, ...] | None,
+                options: StorageOptions | None) -> DataSource:
+    """Check the manifest(s) and list the parts; errors name the config field and the fix."""
+    if not section.uri:
+        raise ValueError(f"data.uri: required: the {expected_kind} dataset root this objective trains on")
+    roots = [storage.normalize(u) for u in section.uris]
+    opened = [_open_root(uri, expected_kind, options) for uri in roots]
+    manifests = [manifest for manifest, _ in opened]
+    if expected_kind == "shards":
+        check_same_encoding(roots, manifests)
+    elif len({storage.is_s3(r) for r in roots}) > 1:
+        raise ValueError(f"data.uri: {roots} mix local and s3:// roots; copy them to one store")
+    files = tuple(f for _, parts in opened for f in parts)
     tasks = tuple(section.tasks) if section.tasks else None
     categories = tuple(section.categories) if section.categories else None
     if columns is not None and (tasks or categories):
         columns = tuple(dict.fromkeys([*columns, "task", "category"]))
-    return DataSource(uri, expected_kind, files, manifest, columns, tasks, categories)
+    return DataSource(roots[0], expected_kind, files, manifests[0], columns, tasks, categories, tuple(roots))
+
+
+def union_totals(roots: list[str] | tuple[str, ...], options: StorageOptions | None) -> dict:
+    """Rows and rows per task over every root, from the manifests' ``totals`` ({} if one lacks them)."""
+    rows, by_task = 0, {}
+    for root in roots:
+        totals = storage.read_json(storage.join(root, MANIFEST_NAME), options).get("totals")
+        if not isinstance(totals, dict):
+            return {}
+        rows += int(totals.get("rows", 0))
+        for task, count in (totals.get("by_task") or {}).items():
+            by_task[task] = by_task.get(task, 0) + int(count)
+    return {"rows": rows, "by_task": by_task}
 
 
 def ray_dataset(source: DataSource, options: StorageOptions | None, shuffle_seed: int | None = None):
@@ -132,10 +196,10 @@ class LocalReader:
         self.table = dataset.to_table(
             columns=list(source.columns) if source.columns else None, filter=source.arrow_filter())
         if self.table.num_rows == 0:
-            raise ValueError(f"data: no rows left in {source.uri} after the task/category filter")
+            raise ValueError(f"data: no rows left in {source.label} after the task/category filter")
         # One chunk per column: a random-index take over many parquet row groups costs ~15x more.
         self.table = self.table.combine_chunks()
-        log.info("data: %d rows from %s", self.table.num_rows, source.uri)
+        log.info("data: %d rows from %s", self.table.num_rows, source.label)
 
     def epoch_indices(self, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
                       shuffle: bool = True) -> Iterator[np.ndarray]:
@@ -209,7 +273,7 @@ def sample_rows(source: DataSource, rows: int, seed: int, options: StorageOption
         if count >= rows:
             break
     if count == 0:
-        raise ValueError(f"data.uri: no rows in {source.uri} after the task/category filter")
+        raise ValueError(f"data.uri: no rows in {source.label} after the task/category filter")
     return table_to_numpy(pa.concat_tables(taken).combine_chunks())
 
 

@@ -75,7 +75,8 @@ def resolve_paths(config: TrainConfig) -> TrainConfig:
     body = {"name": config.objective_name(), **objective.model_dump(mode="json", by_alias=True)}
     data = config.data
     if data.uri:
-        data = data.model_copy(update={"uri": storage.normalize(data.uri)})
+        roots = [storage.normalize(u) for u in data.uris]
+        data = data.model_copy(update={"uri": roots[0] if isinstance(data.uri, str) else roots})
     return config.model_copy(update={"objective": body, "data": data})
 
 

@@ -197,7 +197,8 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
     train = config.train
     objective_cls = resolve_objective(config.objective_name())
     env = ObjectiveEnv(rank=rank, world_size=world, device=device, storage=payload.storage,
-                       run_uri=payload.run_uri, data_uri=config.data.uri, work_dir=work_dir)
+                       run_uri=payload.run_uri, data_uri=config.data.primary_uri,
+                       data_uris=tuple(config.data.uris), work_dir=work_dir)
     if device.type == "cpu":
         _return_freed_memory(_mmap_threshold_mb(config))
     # Before the objective loads anything: the worker's own footprint (Python, torch, Ray).
