@@ -100,6 +100,9 @@ def eval_compare(
     b: str = typer.Argument(..., help="Model B as EVAL_DIR:MODEL."),
     alpha: float = typer.Option(0.05, "--alpha", help="A is 'clearly better' when the sign test p is below this."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    metric: str = typer.Option("score", "--metric", help="score: the judge's 1-5 on every case; "
+                               "text_chars: the OCR character accuracy on `text` cases only (every text "
+                               "score is 2 while no word is drawn exactly; this still separates models)."),
 ) -> None:
     """Compare two evaluated models case by case: wins, losses, ties, mean difference, sign test.
 
@@ -108,8 +111,10 @@ def eval_compare(
     Example: fewstep eval-compare runs/eval-students:student-4 runs/eval-recorded2:teacher-4
     """
     from fewstep.settings import get_settings
-    from trainer.evaluate.compare import compare_scores, paired_table, read_case_scores
+    from trainer.evaluate.compare import METRICS, compare_scores, paired_table, read_case_scores
 
+    if metric not in METRICS:
+        _fail(f"--metric: {metric!r} is not one of {', '.join(METRICS)}")
     options = get_settings().storage_options()
     parsed = []
     for label, value in (("A", a), ("B", b)):
@@ -117,7 +122,7 @@ def eval_compare(
         if not sep or not folder or not model:
             _fail(f"{label}: expected EVAL_DIR:MODEL, got {value!r}")
         try:
-            parsed.append((model, read_case_scores(folder, model, options)))
+            parsed.append((model, read_case_scores(folder, model, options, metric)))
         except FileNotFoundError as exc:
             _fail(str(exc))
     (name_a, scores_a), (name_b, scores_b) = parsed

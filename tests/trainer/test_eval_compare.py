@@ -83,3 +83,62 @@ def test_cli_compares_models_of_two_eval_folders(tmp_path):
     assert missing.exit_code == 2 and "no case files" in missing.output
     malformed = runner.invoke(app, ["eval-compare", "no-colon", f"{tmp_path / 'eval-b'}:teacher-4"])
     assert malformed.exit_code == 2 and "EVAL_DIR:MODEL" in malformed.output
+
+
+def _text_case(case: str, chars: float, bench: str = "t2i-bench-val", score: float = 2.0) -> dict:
+    """A case record as eval writes it: T2I text keeps the OCR under `core`, edits under `attribute`."""
+    part = "core" if bench.startswith("t2i") else "attribute"
+    details = {"measurements": {"category": "text", part: {"ocr": {"char_accuracy": chars, "text": "X"}}}}
+    return {"bench": bench, "case_id": case, "score": score, "category": "text", "details": details}
+
+
+def test_text_char_accuracy_reads_t2i_and_edit_verdicts_and_skips_other_cases():
+    from trainer.evaluate.compare import text_char_accuracy
+
+    assert text_char_accuracy(_text_case("a", 0.25)["details"]) == 0.25
+    assert text_char_accuracy(json.dumps(_text_case("b", 0.5, "editing-bench-val")["details"])) == 0.5
+    assert text_char_accuracy({"measurements": {"category": "portrait", "core": {"ocr": {"char_accuracy": 1}}}}) is None
+    assert text_char_accuracy(None) is None
+
+
+def test_cli_compares_text_characters_where_every_text_score_ties(tmp_path):
+    """Both models score 2 on every text case; B reads more characters on 8 of 10."""
+    from fewstep.cli import app
+
+    for root, model, chars in (("eval-a", "base", lambda i: 0.0), ("eval-b", "text", lambda i: 0.25 * (i < 8))):
+        folder = tmp_path / root / "cases" / model
+        folder.mkdir(parents=True)
+        rows = [_text_case(f"t{i}", chars(i)) for i in range(10)]
+        rows += [{"bench": "t2i-bench-val", "case_id": f"p{i}", "score": 4.0, "category": "portrait",
+                  "details": {"measurements": {"category": "portrait"}}} for i in range(5)]
+        (folder / "t2i-bench-val.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    runner = CliRunner()
+    args = ["eval-compare", f"{tmp_path / 'eval-b'}:text", f"{tmp_path / 'eval-a'}:base", "--json"]
+    (by_score,) = json.loads(runner.invoke(app, args).output)
+    assert (by_score["cases"], by_score["wins"], by_score["ties"]) == (15, 0, 15)
+    result = runner.invoke(app, [*args, "--metric", "text_chars"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    assert (row["cases"], row["wins"], row["losses"], row["ties"]) == (10, 8, 0, 2)
+    assert row["mean_a"] == pytest.approx(0.2) and row["clearly_better"] is True
+    bad = runner.invoke(app, [*args, "--metric", "words"])
+    assert bad.exit_code == 2 and "text_chars" in bad.output
+
+
+def test_eval_tables_show_text_characters_only_where_text_cases_exist():
+    from trainer.evaluate.report import bench_table, summarise
+
+    models = [{"name": m, "role": "teacher", "nfe": 80, "guidance_scale": 4.0, "shift": None, "path": "/x"}
+              for m in ("base", "text")]
+    timing = {"encode_s": 0.0, "sample_s": 1.0, "decode_s": 0.0, "network_calls": 160}
+    rows = []
+    for model, chars in (("base", 0.1), ("text", 0.3)):
+        rows.append({**_text_case("t0", chars), "model": model, **timing, "details": json.dumps(_text_case("t0", chars)["details"])})
+        rows.append({"bench": "editing-bench-val", "case_id": "e0", "category": "style", "score": 3.0,
+                     "model": model, "details": json.dumps({"measurements": {"category": "style"}}), **timing})
+    summary = summarise(models, rows)
+    assert summary["text"]["benches"]["t2i-bench-val"]["text_chars"] == pytest.approx(0.3)
+    assert summary["text"]["benches"]["editing-bench-val"]["text_chars"] is None
+    t2i = bench_table("t2i-bench-val", summary)
+    assert t2i.splitlines()[0].endswith("| overall | text chars |") and "| 0.300 |" in t2i
+    assert "text chars" not in bench_table("editing-bench-val", summary)

@@ -12,6 +12,11 @@ averaged first and the case stays the unit of the test (more draws mean fewer ti
 
 Inside one eval the report compares every student with every teacher (``report.json`` under
 ``paired``). Across evals: ``fewstep eval-compare A_DIR:MODEL B_DIR:MODEL``.
+
+Metrics: ``score`` (the judge's 1-5) or ``text_chars``: on `text` cases only, the fraction of the
+asked word's characters the judge's OCR read in place (``char_accuracy``). At 64 px the tiny
+teachers draw no word exactly, so every text score is 2 and the score cannot tell text models
+apart; the character accuracy still can.
 """
 
 from __future__ import annotations
@@ -27,6 +32,31 @@ from fewstep import storage
 from fewstep.storage import StorageOptions
 
 ALPHA = 0.05
+METRICS = ("score", "text_chars")
+
+
+def text_char_accuracy(details: dict[str, Any] | str | None) -> float | None:
+    """The OCR character accuracy of a `text` case's verdict details (T2I: the drawn word; edit:
+    the word the edit should write), or None for other cases and unreadable details."""
+    if isinstance(details, str):
+        details = json.loads(details)
+    measurements = (details or {}).get("measurements") or {}
+    if measurements.get("category") != "text":
+        return None
+    for part in ("core", "attribute"):
+        ocr = (measurements.get(part) or {}).get("ocr") or {}
+        if isinstance(ocr.get("char_accuracy"), (int, float)):
+            return float(ocr["char_accuracy"])
+    return None
+
+
+def metric_value(record: dict[str, Any], metric: str) -> float | None:
+    """One case record's value of ``metric`` (None: the metric does not apply to this case)."""
+    if metric == "score":
+        return float(record["score"])
+    if metric == "text_chars":
+        return text_char_accuracy(record.get("details"))
+    raise ValueError(f"metric: {metric!r} is not one of {METRICS}")
 
 
 @dataclass
@@ -122,9 +152,12 @@ def paired_within(summary: dict[str, Any], rows: list[dict[str, Any]]) -> list[P
     return results
 
 
-def read_case_scores(eval_dir: str, model: str,
-                     options: StorageOptions | None = None) -> dict[str, dict[str, list[float]]]:
-    """``bench -> case_id -> [score of each draw]`` from an eval output's ``cases/<model>/<bench>.jsonl``."""
+def read_case_scores(eval_dir: str, model: str, options: StorageOptions | None = None,
+                     metric: str = "score") -> dict[str, dict[str, list[float]]]:
+    """``bench -> case_id -> [value of each draw]`` from an eval output's ``cases/<model>/<bench>.jsonl``
+    (cases the metric does not apply to are left out)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric: {metric!r} is not one of {METRICS}")
     folder = storage.join(storage.normalize(eval_dir), "cases", model)
     files = storage.list_files(folder, ".jsonl", options)
     if not files:
@@ -134,7 +167,9 @@ def read_case_scores(eval_dir: str, model: str,
         for line in storage.read_bytes(uri, options).decode().splitlines():
             if line.strip():
                 record = json.loads(line)
-                out.setdefault(record["bench"], {}).setdefault(record["case_id"], []).append(float(record["score"]))
+                value = metric_value(record, metric)
+                if value is not None:
+                    out.setdefault(record["bench"], {}).setdefault(record["case_id"], []).append(value)
     return out
 
 

@@ -8,7 +8,8 @@ Layout under the output URI (local or s3://)::
                                     (models.info.fingerprint), so a later run can tell whether a
                                     path still holds the same model
     report.md                       the tables, readable
-    tables/<bench>.md, .csv         models x categories (mean score), NFE, calls and s per image
+    tables/<bench>.md, .csv         models x categories (mean score), NFE, calls and s per image, and
+                                    "text chars": the OCR character accuracy on `text` cases
     cases/<model>/<bench>.jsonl     one JSON per case and draw: prompt, seed, draw, score, verdict, timings
     images/<model>/<bench>/<id>.png the generated images (<id>-d<k>.png for draw k > 0)
     grids/<bench>/<category>.png    rows = models, columns = the first cases of the category
@@ -26,7 +27,7 @@ from PIL import Image
 
 from fewstep import storage
 from fewstep.storage import StorageOptions
-from trainer.evaluate.compare import paired_table, paired_within
+from trainer.evaluate.compare import paired_table, paired_within, text_char_accuracy
 from trainer.evaluate.config import EvalConfig
 
 
@@ -47,8 +48,11 @@ def summarise(models: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[
             categories = defaultdict(list)
             for r in bench_rows:
                 categories[r["category"]].append(r["score"])
+            chars = [v for v in (text_char_accuracy(r.get("details")) for r in bench_rows) if v is not None]
             per_bench[bench] = {
                 "score": _mean([r["score"] for r in bench_rows]),
+                # OCR character accuracy on the `text` cases (compare.py: the score saturates there)
+                "text_chars": _mean(chars) if chars else None,
                 "categories": {c: _mean(v) for c, v in categories.items()},
                 "cases": len({r["case_id"] for r in bench_rows}),
                 "draws_per_case": max(int(r.get("draw", 0)) for r in bench_rows) + 1,
@@ -72,14 +76,18 @@ def bench_table(bench: str, summary: dict[str, Any], fmt: str = "md") -> str:
     """Models x categories for one bench, as Markdown or CSV."""
     names = [n for n, s in summary.items() if bench in s["benches"]]
     categories = list(dict.fromkeys(c for n in names for c in summary[n]["benches"][bench]["categories"]))
-    head = ["model", "role", "NFE", "CFG", "calls/img", "s/img", *categories, "overall"]
+    chars = any(summary[n]["benches"][bench].get("text_chars") is not None for n in names)
+    head = ["model", "role", "NFE", "CFG", "calls/img", "s/img", *categories, "overall",
+            *(["text chars"] if chars else [])]
     lines = []
     for name in names:
         s, b = summary[name], summary[name]["benches"][bench]
+        text_chars = b.get("text_chars")
         lines.append([name, s["role"], str(s["nfe"]), f"{s['guidance_scale']:g}",
                       f"{s['network_calls_per_image']:.0f}", f"{s['seconds_per_image']:.3f}",
                       *[f"{b['categories'].get(c, float('nan')):.2f}" for c in categories],
-                      f"{b['score']:.2f}"])
+                      f"{b['score']:.2f}", *([f"{text_chars:.3f}" if text_chars is not None else "-"]
+                                             if chars else [])])
     if fmt == "csv":
         return "\n".join(",".join(row) for row in [head, *lines]) + "\n"
     rule = ["---"] * len(head)
