@@ -212,6 +212,18 @@ def sha256_of(uri: str, options: StorageOptions | None = None) -> str:
     return digest.hexdigest()
 
 
+def object_tag(uri: str, options: StorageOptions | None = None) -> str | None:
+    """For ``s3://`` objects, ``etag:<ETag>:<size>`` from the object's metadata (no download); None for
+    local files and stores that report no ETag. Equal content uploaded the same way gives equal tags;
+    a changed object always gives a new one."""
+    if not is_s3(uri):
+        return None
+    fs, path = resolve(uri, options)
+    info = fs.info(path)
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+    return f"etag:{etag}:{info.get('size')}" if etag else None
+
+
 def size_of(uri: str, options: StorageOptions | None = None) -> int:
     fs, path = resolve(uri, options)
     return int(fs.size(path))

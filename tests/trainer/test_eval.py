@@ -64,6 +64,32 @@ def test_model_fingerprint_tells_a_changed_component(models, tmp_path):
         {k: v for k, v in original.items() if k != "transformer"}
 
 
+def test_model_fingerprint_on_s3_uses_object_tags_not_downloads(models, s3_bucket, s3_options, monkeypatch):
+    """A checkpoint on S3 is named from its objects' ETags: a changed file changes its component's
+    digest, and no weight file is read for it."""
+    from fewstep import storage
+    from fewstep.models.info import fingerprint
+
+    _, _, student = models
+    remote = f"{s3_bucket}/student"
+    for path in Path(student).rglob("*"):
+        if path.is_file():
+            storage.upload_file_atomic(path, f"{remote}/{path.relative_to(student).as_posix()}", s3_options)
+
+    def no_download(uri, options=None):
+        raise AssertionError(f"read {uri} to name it")
+
+    monkeypatch.setattr(storage, "sha256_of", no_download)
+    first = fingerprint(remote, s3_options)
+    assert set(first) == {"transformer", "vae", "text_encoder"}
+    assert all(v.startswith("etag-") for v in first.values()) and fingerprint(remote, s3_options) == first
+    vae = next(f for f in storage.list_files(f"{remote}/vae", ".safetensors", s3_options))
+    storage.write_bytes_atomic(vae, storage.read_bytes(vae, s3_options) + b" ", s3_options)
+    changed = fingerprint(remote, s3_options)
+    assert changed["vae"] != first["vae"]
+    assert (changed["transformer"], changed["text_encoder"]) == (first["transformer"], first["text_encoder"])
+
+
 def test_eval_writes_cases_tables_grids_with_nfe_counts(models, ray_cluster):
     from fewstep.bench.world import EDIT_CATEGORIES, T2I_CATEGORIES
     from fewstep.config import parse_config
