@@ -60,6 +60,12 @@ def test_roots_from_different_teachers_are_refused(world, tmp_path):
         open_source(DataSection(uri=[shards, foreign]), "shards", None, None)
 
 
+def test_local_and_s3_roots_are_refused_before_anything_is_read(world):
+    _, shards, _ = world
+    with pytest.raises(ValueError, match=r"data\.uri: .*mix local and s3:// roots"):
+        open_source(DataSection(uri=[shards, "s3://bucket/shards"]), "shards", None, None)
+
+
 def test_totals_add_up_over_roots(world, tmp_path):
     """What DMD's mixture check reads: rows per task of the union, not of the first root."""
     import json

@@ -110,9 +110,6 @@ def check_same_encoding(roots: list[str], manifests: list[dict]) -> None:
     mean different things, and a model trained on the union would learn neither."""
     first = manifests[0]
     for root, manifest in zip(roots[1:], manifests[1:]):
-        if storage.is_s3(root) != storage.is_s3(roots[0]):
-            raise ValueError(f"data.uri: {root} and {roots[0]} are on different stores (local and s3://); "
-                             "copy them to one store")
         for path in _SAME_ENCODING:
             if path == ("teacher", "uri") and _field(first, ("teacher", "sha256")) is not None:
                 continue  # the content digest decides; one teacher may be precomputed from two paths
@@ -129,12 +126,12 @@ def open_source(section: DataSection, expected_kind: str, columns: tuple[str, ..
     if not section.uri:
         raise ValueError(f"data.uri: required: the {expected_kind} dataset root this objective trains on")
     roots = [storage.normalize(u) for u in section.uris]
+    if len({storage.is_s3(r) for r in roots}) > 1:  # the readers open one filesystem for every part
+        raise ValueError(f"data.uri: {roots} mix local and s3:// roots; copy them to one store")
     opened = [_open_root(uri, expected_kind, options) for uri in roots]
     manifests = [manifest for manifest, _ in opened]
     if expected_kind == "shards":
         check_same_encoding(roots, manifests)
-    elif len({storage.is_s3(r) for r in roots}) > 1:
-        raise ValueError(f"data.uri: {roots} mix local and s3:// roots; copy them to one store")
     files = tuple(f for _, parts in opened for f in parts)
     tasks = tuple(section.tasks) if section.tasks else None
     categories = tuple(section.categories) if section.categories else None
