@@ -135,7 +135,8 @@ def main() -> None:
                         help="teacher stages' train.precision (bf16: autocast; untried on a GPU so far, "
                              "docs/performance.md: the 2048-row step looks compute-bound in fp32)")
     parser.add_argument("--device-cache-mb", type=float, default=8192,
-                        help="teacher stages' data.device_cache_mb: the shards decoded once onto the GPU "
+                        help="data.device_cache_mb of the VAE and teacher stages: images / shards decoded "
+                             "once onto the GPU "
                              "(0: decode every batch on the host, ~30 ms per 1024 rows)")
     parser.add_argument("--heldout-curated", default=None,
                         help="curate output of rows never trained on (e.g. a corpus built with another "
@@ -177,6 +178,7 @@ def main() -> None:
                           "train.progress": False, "train.log_every": 100, "train.checkpoint_every": 100000,
                           "train.max_steps": 1_000_000, "train.batch_size": args.vae_batch,
                           "data.uri": normalize(args.vae_curated or args.curated[0]),
+                          "data.device_cache_mb": args.device_cache_mb,
                           "objective.optimizer.lr": args.vae_lr, "objective.keep_latent_stats": True,
                           "objective.optimizer.decay": "constant", "objective.optimizer.decay_start": None,
                           "objective.optimizer.decay_steps": None, **parse_overrides(args.vae_set)}

@@ -76,16 +76,16 @@ def test_init_tiny_config_with_vae_from_another_pipeline(world, tmp_path):
 
 
 def _vae_run(tmp_path: Path, curated: str, pipeline: str, *, steps: int, log_every: int, batch_size: int,
-             lr: float, **objective):
+             lr: float, cache_mb: float = 0, name: str = "vae", **objective):
     """A short local VAE run from ``pipeline`` on ``curated`` images (``objective``: extra fields)."""
     from trainer.runtime.config import TrainConfig
 
     return TrainConfig.model_validate({
-        "run": {"name": "vae", "runs_dir": str(tmp_path / "runs")},
+        "run": {"name": name, "runs_dir": str(tmp_path / "runs")},
         "launcher": "local", "device": "cpu", "deepspeed": {"enabled": False},
         "train": {"max_steps": steps, "batch_size": batch_size, "log_every": log_every,
                   "checkpoint_every": steps, "progress": False},
-        "data": {"uri": curated},
+        "data": {"uri": curated, "device_cache_mb": cache_mb},
         "objective": {"name": "vae", "init": {"from": "pretrained", "path": pipeline},
                       "optimizer": {"lr": lr}, "l2_weight": 1.0, **objective},
     })
@@ -238,3 +238,30 @@ def _posterior_mean(adapter, images) -> torch.Tensor:
     x = adapter.images_to_tensor(images).to(adapter.vae.dtype)
     with torch.no_grad():
         return adapter.vae.encode(x[:, :, None]).latent_dist.mean[:, :, 0].float()
+
+
+def test_vae_device_cache_trains_exactly_as_decoding_each_batch(world, tmp_path, caplog):
+    """``data.device_cache_mb`` for the VAE: every image decoded once (edit rows with their source),
+    each step selects its rows' images; the same run, step for step, and the same statistics."""
+    import json
+    import logging
+
+    from trainer.runtime.launch import launch
+    from trainer.runtime.metrics import read_metrics
+
+    pipeline, _ = world
+    curated = write_synthetic_curated(str(tmp_path / "curated"), rows=12, edit_rows=6, size=32)
+    runs = {}
+    for name, cache_mb in (("cached", 256), ("decoded", 0)):
+        with caplog.at_level(logging.INFO, logger="trainer.runtime.data"):
+            result = launch(_vae_run(tmp_path, curated, pipeline, steps=6, log_every=1, batch_size=4, lr=2e-3,
+                                     cache_mb=cache_mb, name=name, stats_batches=3))
+        runs[name] = (read_metrics(result.run_uri), json.loads(Path(result.final_uri, "vae", "config.json").read_text()))
+        assert ("decoded once" in caplog.text) == (cache_mb > 0)
+        caplog.clear()
+    (cached, cached_vae), (decoded, decoded_vae) = runs["cached"], runs["decoded"]
+    assert len(cached) == len(decoded) == 6
+    for a, b in zip(cached, decoded):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), (a["step"], a["loss"], b["loss"])
+        assert a["samples_per_s"] > 0
+    assert cached_vae["latents_mean"] == pytest.approx(decoded_vae["latents_mean"], rel=1e-5, abs=1e-7)

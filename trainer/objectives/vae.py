@@ -18,6 +18,10 @@ only as far as the reconstruction needs (in the units the transformer sees). Tra
 the old latents then need a short fine-tune, not a new training from scratch. Measuring new
 ``latents_mean`` / ``latents_std`` on the fine-tune's data would shift the normalised latents
 anyway (by up to 0.12 std on a text-heavy mix, session 15): ``keep_latent_stats`` keeps the init's.
+
+Batches are :class:`ImageRows` (decoded images per row), so the local launcher's
+``data.device_cache_mb`` can decode every image once onto the GPU: on a lent H200 the PNG decoding of
+each step, on one host process, held the step at ~13 per second (docs/performance.md, session 16).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -121,11 +126,53 @@ def decode_png(data: bytes, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.float32) / 127.5 - 1.0
 
 
+@dataclass
+class ImageRows:
+    """The decoded images of a batch of curated rows: each row's image and, for edit rows, its source.
+
+    ``stacked()`` is what a training step sees: the rows' images, then their sources (rows without
+    one skipped). ``select`` keeps that order, so a cached dataset and per-batch decoding train alike.
+    """
+
+    targets: torch.Tensor  # [R, 3, H, W] in [-1, 1]; zeros where a row has no image
+    has_target: torch.Tensor  # [R] bool
+    sources: torch.Tensor | None  # [R, 3, H, W] or None when no row is an edit (or sources are off)
+    has_source: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def select(self, index) -> ImageRows:
+        index = torch.as_tensor(np.asarray(index), dtype=torch.long, device=self.targets.device)
+        sources = None if self.sources is None else self.sources[index]
+        has_source = None if self.has_source is None else self.has_source[index]
+        return ImageRows(self.targets[index], self.has_target[index], sources, has_source)
+
+    def stacked(self) -> torch.Tensor:
+        parts = [self.targets[self.has_target]]
+        if self.sources is not None:
+            parts.append(self.sources[self.has_source])
+        images = torch.cat(parts)
+        if images.shape[0] == 0:
+            raise ValueError("data: a batch of curated rows without any image: the VAE needs image rows "
+                             "(use a curated set with images, not prompt-only)")
+        return images
+
+
+def _decode_column(values, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    present = [data is not None for data in values]
+    blank = np.zeros((size, size, 3), np.float32)
+    arrays = [decode_png(bytes(data), size) if data is not None else blank for data in values]
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().to(device)
+    return images, torch.tensor(present, dtype=torch.bool, device=device)
+
+
 class VAEObjective(Objective):
     """Trains the VAE of a pipeline (curated images, not shards)."""
 
     name = "vae"
     progress_keys = ("loss", "psnr", "samples_per_s")
+    selectable_batches = True  # ImageRows.select; collate passes ImageRows through
     Config = VAEConfig
     data_kind = "curated"
     columns = ("id", "task", "category", "image", "source_image")
@@ -169,21 +216,20 @@ class VAEObjective(Objective):
                                                                 anchor=cfg.anchor_weight > 0),
                           trainable=True, optimizer=cfg.optimizer)]
 
-    def collate(self, rows: dict[str, np.ndarray], device: torch.device) -> torch.Tensor:
-        images = []
-        columns = ["image"] + (["source_image"] if self.config.use_source_images else [])
-        for column in columns:
-            for data in rows.get(column, []):
-                if data is not None:
-                    images.append(decode_png(bytes(data), self.resolution))
-        if not images:
-            raise ValueError("data: a batch of curated rows without any image: the VAE needs image rows "
-                             "(use a curated set with images, not prompt-only)")
-        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().to(device)
+    def collate(self, rows: dict[str, np.ndarray] | ImageRows, device: torch.device) -> ImageRows:
+        if isinstance(rows, ImageRows):
+            return rows  # selected from the device cache: decoded already
+        targets, has_target = _decode_column(rows["image"], self.resolution, device)
+        sources = has_source = None
+        if self.config.use_source_images and "source_image" in rows:
+            if any(data is not None for data in rows["source_image"]):
+                sources, has_source = _decode_column(rows["source_image"], self.resolution, device)
+        return ImageRows(targets, has_target, sources, has_source)
 
-    def train_step(self, state: TrainState, batch: torch.Tensor) -> dict[str, float]:
+    def train_step(self, state: TrainState, rows: ImageRows) -> dict[str, float]:
         handle = state.models["vae"]
         cfg = self.config
+        batch = rows.stacked()
         b, _, h, w = batch.shape
         f = self.adapter.vae_scale_factor
         noise = torch.randn((b, self.adapter.latent_channels, h // f, w // f), generator=state.generator)
@@ -219,7 +265,7 @@ class VAEObjective(Objective):
             raise RuntimeError("the VAE objective needs state.next_batch to gather latent statistics")
         handle = state.models["vae"]
         for _ in range(self.config.stats_batches):
-            batch = state.next_batch()
+            batch = state.next_batch().stacked()
             b, _, h, w = batch.shape
             f = self.adapter.vae_scale_factor
             zeros = torch.zeros((b, self.adapter.latent_channels, h // f, w // f))

@@ -83,7 +83,7 @@ class DataSection(StrictModel):
                              "and keep it on the training device if it fits in this many MiB; each step "
                              "then selects its rows there instead of decoding them on the host (~30 us "
                              "per row on a small CPU, time a GPU step waits for); 0 decodes every "
-                             "batch. Local launcher and objectives that support it (flow_matching) only: "
+                             "batch. Local launcher and objectives that support it (flow_matching, vae) only: "
                              "elsewhere a config error, never silently ignored.")
 
     @field_validator("uri")
