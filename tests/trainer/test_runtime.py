@@ -167,7 +167,7 @@ def test_config_errors_name_the_field(world, tmp_path):
     raw["train"]["cpu_mmap_threshold_mb"] = "auto"
     assert load_train_config(write(raw)).train.cpu_mmap_threshold_mb == "auto"
 
-    # The device cache: local launcher and a flow-matching-like objective only, never ignored.
+    # The device cache: local launcher and objectives with selectable batches only, never ignored.
     raw = _raw(world, str(tmp_path), "x")
     raw["data"]["device_cache_mb"] = 512
     with pytest.raises(ConfigError, match="data.device_cache_mb: only the local launcher"):
@@ -175,7 +175,9 @@ def test_config_errors_name_the_field(world, tmp_path):
     raw["launcher"] = "local"
     assert load_train_config(write(raw)).data.device_cache_mb == 512
     raw["objective"] = {"name": "vae", "init": {"from": "pretrained", "path": world[0]}}
-    with pytest.raises(ConfigError, match="data.device_cache_mb: the vae objective decodes every batch"):
+    assert load_train_config(write(raw)).data.device_cache_mb == 512  # ImageRows are selectable too
+    raw["objective"] = {"name": "dmd", "guidance": {"teachers": [{"name": "base", "path": world[0]}]}}
+    with pytest.raises(ConfigError, match="data.device_cache_mb: the dmd objective decodes every batch"):
         load_train_config(write(raw))
 
 
