@@ -171,14 +171,15 @@ def main() -> None:
     try:
         minutes = args.minutes
         init = normalize(args.base_init)
+        # Every stage: one process on this box, stopped by its minutes, checkpointed only at the end.
+        one_box = {"launcher": "local", "device": device, "deepspeed.enabled": False, "train.progress": False,
+                   "train.checkpoint_every": 100000, "train.max_steps": 1_000_000}
+        cached = {**one_box, "train.log_every": 100, "data.device_cache_mb": args.device_cache_mb}
         if sum(args.vae_minutes) > 0:
             t = clock.elapsed_s()
             stable, decay = (f * minutes for f in args.vae_minutes)
-            vae_common = {"launcher": "local", "device": device, "deepspeed.enabled": False,
-                          "train.progress": False, "train.log_every": 100, "train.checkpoint_every": 100000,
-                          "train.max_steps": 1_000_000, "train.batch_size": args.vae_batch,
+            vae_common = {**cached, "train.batch_size": args.vae_batch,
                           "data.uri": normalize(args.vae_curated or args.curated[0]),
-                          "data.device_cache_mb": args.device_cache_mb,
                           "objective.optimizer.lr": args.vae_lr, "objective.keep_latent_stats": True,
                           "objective.optimizer.decay": "constant", "objective.optimizer.decay_start": None,
                           "objective.optimizer.decay_steps": None, **parse_overrides(args.vae_set)}
@@ -194,11 +195,8 @@ def main() -> None:
         shards: str | list[str] = roots[0] if len(roots) == 1 else roots
         timings["precompute_s"] = clock.elapsed_s() - t
 
-        common = {"launcher": "local", "device": device, "deepspeed.enabled": False,
-                  "train.progress": False, "train.log_every": 100, "data.uri": shards,
-                  "train.checkpoint_every": 100000, "train.max_steps": 1_000_000,
-                  "train.batch_size": args.batch, "objective.optimizer.lr": args.lr,
-                  "data.device_cache_mb": args.device_cache_mb, "train.precision": args.precision}
+        common = {**cached, "data.uri": shards, "train.batch_size": args.batch,
+                  "objective.optimizer.lr": args.lr, "train.precision": args.precision}
         heldout: dict = {}
         if args.heldout_curated:
             heldout_shards = str(work / "heldout-shards")
@@ -228,10 +226,8 @@ def main() -> None:
         t = clock.elapsed_s()
         dmd_minutes = min(args.dmd_minutes * minutes, clock.left_min() - 1.2)
         if dmd_minutes > 0.5:
-            overrides = {"launcher": "local", "device": device, "deepspeed.enabled": False,
-                         "train.progress": False, "data.uri": shards, "run.name": "distill",
-                         "train.batch_size": args.dmd_batch, "train.max_steps": 1_000_000,
-                         "train.max_minutes": dmd_minutes, "train.checkpoint_every": 100000,
+            overrides = {**one_box, "data.uri": shards, "run.name": "distill",
+                         "train.batch_size": args.dmd_batch, "train.max_minutes": dmd_minutes,
                          "objective.guidance.teachers.0.path": base,
                          **parse_overrides(args.dmd_set)}
             student, _, _ = train_stage(ROOT / "configs" / "distill" / "recorded.yaml", overrides, runs)

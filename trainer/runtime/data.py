@@ -92,10 +92,10 @@ def _open_root(uri: str, expected_kind: str, options: StorageOptions | None) -> 
 
 
 # Shard-manifest fields that must agree for rows of several roots to be trained on together: the
-# teacher that encoded them (its content digest, else its path), the empty-prompt embedding (the
-# text encoder), and the latent and text geometry.
-_SAME_ENCODING = (("teacher", "sha256"), ("teacher", "uri"), ("empty_prompt", "sha256"),
-                  ("latent_channels",), ("text_embed_dim",), ("vae_scale_factor",), ("extra", "latent_channels"))
+# empty-prompt embedding (the text encoder) and the latent and text geometry. The teacher is compared
+# apart (_teacher_field).
+_SAME_ENCODING = (("empty_prompt", "sha256"), ("latent_channels",), ("text_embed_dim",), ("vae_scale_factor",),
+                  ("extra", "latent_channels"))
 
 
 def _field(manifest: dict, path: tuple[str, ...]):
@@ -105,14 +105,19 @@ def _field(manifest: dict, path: tuple[str, ...]):
     return value
 
 
+def _teacher_field(first: dict) -> tuple[str, str]:
+    """How the teacher that encoded the first root is compared: by its content digest, or, where the
+    manifest has none (older or synthetic ones), by its path. One teacher precomputed from two paths
+    has one digest."""
+    return ("teacher", "sha256") if _field(first, ("teacher", "sha256")) is not None else ("teacher", "uri")
+
+
 def check_same_encoding(roots: list[str], manifests: list[dict]) -> None:
     """A clear error when shard roots were encoded differently: their latents or embeddings would
     mean different things, and a model trained on the union would learn neither."""
     first = manifests[0]
     for root, manifest in zip(roots[1:], manifests[1:]):
-        for path in _SAME_ENCODING:
-            if path == ("teacher", "uri") and _field(first, ("teacher", "sha256")) is not None:
-                continue  # the content digest decides; one teacher may be precomputed from two paths
+        for path in (_teacher_field(first), *_SAME_ENCODING):
             a, b = _field(first, path), _field(manifest, path)
             if a is not None and b is not None and a != b:
                 raise ValueError(
