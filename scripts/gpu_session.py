@@ -75,6 +75,9 @@ def _export_vae(src: str, work: Path, out: Path) -> str:
     return str(dst)
 
 
+DECAY_WARMUP = 20  # optimiser steps: the decay stage starts from fresh optimiser state
+
+
 def _annealed(config: str, name: str, common: dict, init: str, clock: Clock, stable_min: float,
               decay_min: float, runs: Path, extra: dict) -> str:
     """Constant lr for ``stable_min``, then a linear decay to 0 sized to fit ``decay_min``."""
@@ -86,12 +89,12 @@ def _annealed(config: str, name: str, common: dict, init: str, clock: Clock, sta
     rate = max(1.0, metrics.get("step", 0)) / max(1.0, seconds)
     budget_s = min(decay_min, clock.left_min()) * 60
     steps = int(rate * budget_s * 0.85)
-    if steps < 20:
+    if steps <= DECAY_WARMUP:  # the decay's own warm-up would take it all (decay_steps must exceed it)
         log.warning("%s: no time left for the decay (%d steps); keeping the stable run", name, steps)
         return final
     final, metrics, _ = train_stage(path, {**base, "run.name": f"{name}-decay",
                                       "objective.init.path": final,
-                                      "objective.optimizer.warmup_steps": 20,
+                                      "objective.optimizer.warmup_steps": DECAY_WARMUP,
                                       "objective.optimizer.decay": "linear",
                                       "objective.optimizer.decay_steps": steps,
                                       "train.max_steps": steps,
