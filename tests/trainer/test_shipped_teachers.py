@@ -35,25 +35,35 @@ def test_teachers_differ():
     assert any(not torch.equal(base[k], text[k]) for k in base)
 
 
-# Not in CI yet: the teachers shipped at present are undertrained and fail it (docs/teachers.md).
-@pytest.mark.study
 @pytest.mark.parametrize("name", NAMES)
 def test_t2i_pipeline_paints_the_prompted_background(name):
+    """Loaded in diffusers, each teacher follows the prompt's background colour on bench prompts.
+
+    Sixteen portrait and landscape prompts of ``t2i-bench-val`` (the bench for choosing, not the
+    reported one), each with its own seed; the border colour is matched to the nearest of all
+    eight backgrounds the world has, so a model that ignores the prompt scores about 2 in 16.
+    """
     from diffusers import QwenImagePipeline
 
-    from fewstep.bench.world import COLORS
+    from fewstep.bench.benches import load_bench
+    from fewstep.bench.world import BACKGROUNDS, COLORS
 
+    cases = [c for c in load_bench("t2i-bench-val") if c.category in ("portrait", "landscape")][:16]
     pipe = QwenImagePipeline.from_pretrained(TEACHERS / name, torch_dtype=torch.float32)
-    backgrounds = ("blue", "red")
-    images = pipe(prompt=[f"a small grinning face on a {b} background" for b in backgrounds],
-                  negative_prompt=[" "] * 2, true_cfg_scale=4.0, num_inference_steps=20, height=64,
-                  width=64, generator=torch.Generator().manual_seed(0)).images
-    for image, asked in zip(images, backgrounds):
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(prompt=[c.prompt for c in cases], negative_prompt=[""] * len(cases), true_cfg_scale=4.0,
+                  num_inference_steps=20, height=64, width=64,
+                  generator=[torch.Generator().manual_seed(c.seed) for c in cases]).images
+    wrong = []
+    for case, image in zip(cases, images):
         assert image.size == (64, 64)
         pixels = np.asarray(image, dtype=np.float32)
-        border = np.concatenate([pixels[:4].reshape(-1, 3), pixels[-4:].reshape(-1, 3)]).mean(axis=0)
-        distance = {b: float(np.linalg.norm(border - np.array(COLORS[b]))) for b in backgrounds}
-        assert distance[asked] < min(d for b, d in distance.items() if b != asked), (asked, border)
+        border = np.concatenate([pixels[:4].reshape(-1, 3), pixels[-4:].reshape(-1, 3),
+                                 pixels[:, :4].reshape(-1, 3), pixels[:, -4:].reshape(-1, 3)]).mean(axis=0)
+        painted = min(BACKGROUNDS, key=lambda b: float(np.linalg.norm(border - np.array(COLORS[b]))))
+        if painted != case.meta["background"]:
+            wrong.append((case.prompt, case.meta["background"], painted))
+    assert len(wrong) <= 4, wrong
 
 
 @pytest.mark.parametrize("name", NAMES)
