@@ -135,6 +135,7 @@ REJECT_REASONS: dict[str, str] = {
     "no_usable_prompt": "no prompt left after captioning",
     "unknown_category": "category not declared in the composition",
     "over_budget": "not selected by the rebalancer (category above its target)",
+    "not_in_composition": "task or category has no target in the declared composition",
 }
 
 

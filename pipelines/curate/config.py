@@ -159,7 +159,7 @@ class TaskSpec(Share):
 
 
 class CompositionConfig(StrictModel):
-    """Target mixture. Tasks absent here get no rows (their records are rejected as over_budget)."""
+    """Target mixture. Tasks absent here get no rows (their records are rejected as not_in_composition)."""
 
     tasks: dict[str, TaskSpec] = Field(
         default_factory=lambda: {"t2i": TaskSpec(weight=1.0), "edit": TaskSpec(weight=1.0)})

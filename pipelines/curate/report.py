@@ -64,10 +64,11 @@ def summary_tables(report: dict):
     for task in sorted(set(report["target"]) | set(report["available"])):
         cats = sorted(set(report["target"].get(task, {})) | set(report["available"].get(task, {})))
         for cat in cats:
+            target = report["target"].get(task, {}).get(cat)
+            note = "[red]short[/red]" if (task, cat) in short else "not in composition" if target is None else ""
             mix.add_row(task, cat, str(report["available"].get(task, {}).get(cat, 0)),
-                        str(report["target"].get(task, {}).get(cat, 0)),
-                        str(report["achieved"].get(task, {}).get(cat, 0)),
-                        "[red]short[/red]" if (task, cat) in short else "")
+                        "-" if target is None else str(target),
+                        str(report["achieved"].get(task, {}).get(cat, 0)), note)
     return [totals, rejects, mix] if report["rejected_by_reason"] else [totals, mix]
 
 

@@ -92,6 +92,15 @@ def _collect(ds, columns: list[str], rows_per_task: int) -> list[dict]:
     return rows
 
 
+def _unselected_reason(row: dict, targets: dict[str, dict[str, int]]) -> dict[str, str]:
+    """Why the rebalancer left a row out: its (task, category) has no target, or the target is full."""
+    where = f"{row['task']}/{row['category']}"
+    if row["category"] not in targets.get(row["task"], {}):
+        return {"reason": "not_in_composition",
+                "detail": f"{where} is not in composition.tasks (target 0): list it there to keep such rows"}
+    return {"reason": "over_budget", "detail": f"{where}: target {targets[row['task']][row['category']]}"}
+
+
 def _decide(narrow: list[dict], cfg: CurateConfig, known: dict[str, list[str]]):
     """Global decisions on the narrow rows: duplicates, then the composition sample.
 
@@ -107,9 +116,7 @@ def _decide(narrow: list[dict], cfg: CurateConfig, known: dict[str, list[str]]):
             rejects.append({**row, "stage": d.stage, "reason": d.reason, "detail": d.detail})
     for row in survivors:
         if row["order"] not in selection.copies:
-            target = selection.targets.get(row["task"], {}).get(row["category"], 0)
-            rejects.append({**row, "stage": "rebalance", "reason": "over_budget",
-                            "detail": f"{row['task']}/{row['category']}: target {target}"})
+            rejects.append({**row, "stage": "rebalance", **_unselected_reason(row, selection.targets)})
     plan: dict[int, tuple[int, int]] = {}
     position = 0
     for order in sorted(selection.copies):  # output order = input order, repeats next to their row

@@ -111,12 +111,12 @@ def test_every_planted_bad_record_gets_its_reason(world, local_run):
     report, out = local_run
     rejects = _rejects(out)
     # Good records of the bad-input set may only be dropped by the rebalancer (mixed keeps 80 per category).
-    _check_planted(world, rejects, ("t2i.parquet", "edit.jsonl"), allowed_for_keep={"over_budget"})
+    _check_planted(world, rejects, ("t2i.parquet", "edit.jsonl"), allowed_for_keep={"over_budget", "not_in_composition"})
     file_rejects = {r["input"]: r["reason"] for r in rejects if "#" not in r["input"]}
     assert file_rejects == {"empty.parquet": "malformed_row", "truncated.parquet": "malformed_row"}
     assert all(r["reason"] in REJECT_REASONS for r in rejects)
     # The bench corpus itself is clean: apart from rebalancing, at most a couple of its records go.
-    corpus_filtered = [r for r in rejects if r["input"].startswith("corpus/") and r["reason"] != "over_budget"]
+    corpus_filtered = [r for r in rejects if r["input"].startswith("corpus/") and r["reason"] not in ("over_budget", "not_in_composition")]
     assert len(corpus_filtered) <= 3, corpus_filtered
 
 
@@ -164,7 +164,9 @@ def test_a_curated_set_curates_again_to_another_composition(world, local_run):
     assert report["input_rows"] == 240 == report["kept_rows"] + report["rejected_rows"]
     assert report["exact"] and report["target"] == {"t2i": {"text": 80}}
     assert report["achieved"] == {"t2i": {"landscape": 0, "portrait": 0, "text": 80}}
-    assert {r["reason"] for r in _rejects(out)} == {"over_budget"}
+    reasons = {(r["detail"].split(" ")[0].split(":")[0], r["reason"]) for r in _rejects(out)}
+    # Categories the composition does not list are named as such, not as over their budget.
+    assert reasons == {("t2i/portrait", "not_in_composition"), ("t2i/landscape", "not_in_composition")}
     _, before = _curated(first)
     _, after = _curated(out)
     by_id = {r["id"]: r for r in before.to_pylist()}

@@ -123,3 +123,22 @@ def test_repeats_get_unique_ids_and_consecutive_positions():
     assert {r["origin_id"] for r in out} == {"r0", "r1", "r2", "r3"}
     assert all(r["id"] == r["origin_id"] or r["id"].startswith(r["origin_id"] + "#rep") for r in out)
     assert [r["part"] for r in sorted(out, key=lambda r: r["position"])] == [0, 0, 0, 1, 1, 1, 2]
+
+
+def test_summary_marks_categories_the_composition_does_not_list():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from pipelines.curate.report import print_summary
+
+    report = {"config": "mine.yaml", "config_hash": "abc", "input_rows": 9, "kept_rows": 2, "rejected_rows": 7,
+              "output_rows": 2, "repeats": 0,
+              "rejected_by_reason": {"not_in_composition": 4, "over_budget": 1},
+              "target": {"t2i": {"text": 2}}, "available": {"t2i": {"text": 3, "portrait": 4}},
+              "achieved": {"t2i": {"text": 2}}, "shortfalls": []}
+    out = StringIO()
+    print_summary(report, Console(file=out, width=120))
+    lines = {line.split("│")[2].strip(): line for line in out.getvalue().splitlines() if line.count("│") > 5}
+    assert "not in composition" in lines["portrait"] and " - " in lines["portrait"]
+    assert "not in composition" not in lines["text"]
