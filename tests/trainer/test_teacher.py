@@ -153,6 +153,9 @@ def test_vae_decoder_finetune_keeps_the_latent_space(tmp_path):
                              train_encoder=False, edge_weight=1.0))
     records = read_metrics(result.run_uri)
     assert [r["step"] for r in records] == [8, 16, 24] and all(r["edge"] > 0 for r in records)
+    # A frozen encoder's KL has no gradient, so the loss carries none of it (kl stays a metric).
+    for r in records:  # this run's weights: l1 1, l2 1, edge 1
+        assert r["kl"] > 0 and r["loss"] == pytest.approx(r["l1"] + r["mse"] + r["edge"], rel=1e-5), r
 
     before = QwenImageAdapter.load(pipeline, components=("vae",))
     after = QwenImageAdapter.load(result.final_uri, components=("vae",))

@@ -10,7 +10,8 @@ export is the whole pipeline directory with the new VAE in it.
 
 ``train_encoder: false`` fine-tunes the decoder alone. The encoder, and so the latent space and
 its ``latents_mean`` / ``latents_std``, stay exactly as they were: every transformer and every
-shard made with the old VAE keeps working, and only what the latents decode to gets better.
+shard made with the old VAE keeps working, and only what the latents decode to gets better. The KL
+term then has no gradient and is left out of the loss (it is still logged as ``kl``).
 
 ``anchor_weight`` (with the encoder trained) adds ``anchor * mean(((m - m0) / latents_std)^2)``:
 ``m0`` is the posterior mean of a frozen copy of the init's encoder, so the latent space may move
@@ -240,7 +241,9 @@ class VAEObjective(Objective):
         l1 = diff.abs().mean()
         l2 = diff.pow(2).mean()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-        loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
+        loss = cfg.l1_weight * l1 + cfg.l2_weight * l2
+        if cfg.train_encoder:  # a frozen encoder's KL has no gradient: it would only offset the loss
+            loss = loss + cfg.kl_weight * kl
         metrics = {}
         if cfg.edge_weight > 0:
             edge = edge_l1(recon, batch)
