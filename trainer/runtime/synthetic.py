@@ -129,8 +129,11 @@ def _parquet(rows: list[dict]) -> bytes:
 
 
 def write_synthetic_curated(out_uri: str, *, rows: int = 32, size: int = 32, edit_rows: int = 0,
+                            t2i_categories: tuple[str, ...] = ("portrait",),
                             options: StorageOptions | None = None) -> str:
-    """A curated dataset (``contract.CURATED_SCHEMA``) of drawn images, e.g. for VAE training."""
+    """A curated dataset (``contract.CURATED_SCHEMA``) of drawn images, e.g. for VAE training.
+
+    T2I rows take ``t2i_categories`` in turn (labels only: every image is a drawn square)."""
     import hashlib
 
     names = list(COLOURS)
@@ -147,7 +150,7 @@ def write_synthetic_curated(out_uri: str, *, rows: int = 32, size: int = 32, edi
         edit = i >= rows
         records.append({
             "id": f"cur-{i:05d}", "origin_id": f"cur-{i:05d}", "task": "edit" if edit else "t2i",
-            "prompt": f"a {square} square on a {background} background", "category": "object" if edit else "portrait",
+            "prompt": f"a {square} square on a {background} background", "category": "object" if edit else t2i_categories[i % len(t2i_categories)],
             "image": png(draw(size, square, background, offset=(i // len(pairs)) % 3 - 1)),
             "source_image": png(draw(size, background, square)) if edit else None,
             "source": "synthetic", "caption_origin": "given", "meta": None})
