@@ -163,6 +163,8 @@ def main() -> None:
     timings["base_s"] = time.perf_counter() - started
     out = Path(args.out) if args.out else None
     tar_to = Path(args.tar_to) if args.tar_to else None
+    # Published now, so that a run cut short (a lease ending) still leaves the base; a decoder stage
+    # below publishes it again with the new decoder.
     _publish(base_final, out, "base", tar_to)
 
     started = time.perf_counter()
