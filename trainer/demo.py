@@ -210,9 +210,9 @@ class Stages:
 
 
 def load_config_dict(path: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    import yaml
+    from fewstep.config import load_yaml
 
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path.read_text()) or {}
     for key, value in overrides.items():
         set_dotted(data, key, value)
     return data

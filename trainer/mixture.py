@@ -27,14 +27,35 @@ class MixtureError(ValueError):
     """A mixture that cannot be served (bad ratio, a task with no data)."""
 
 
+def parse_ratio(value: Any) -> Any:
+    """``"7:3"`` (T2I:edit, as the paper writes it) -> ``{t2i: 7, edit: 3}``; mappings pass through."""
+    if isinstance(value, bool) or isinstance(value, (int, float)):
+        # Unquoted in YAML, 7:3 is the base-60 integer 423: refuse it rather than guess.
+        raise ValueError(f"got the number {value!r}: YAML reads an unquoted 7:3 as a base-60 number; "
+                         "quote it ('7:3') or write {t2i: 7, edit: 3}")
+    if isinstance(value, str):
+        parts = value.split(":")
+        try:
+            t2i, edit = (float(part) for part in parts)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a T2I:edit ratio: write '7:3' or {{t2i: 7, edit: 3}}") from None
+        return {"t2i": t2i, "edit": edit}
+    return value
+
+
 class MixtureConfig(StrictModel):
-    """T2I:edit ratio, e.g. ``{t2i: 7, edit: 3}``; a task with weight 0 is never served."""
+    """T2I:edit ratio, ``'7:3'`` or ``{t2i: 7, edit: 3}``; a task with weight 0 is never served."""
 
     ratio: dict[str, float] = Field(default_factory=lambda: {"t2i": 1.0, "edit": 0.0})
     counts_from: Literal["run", "resume"] = Field(
         "run", description="'run': the served counts carry over a resume, so the ratio holds over "
         "the whole run (a resumed run with a new ratio steers the cumulative counts towards it); "
         "'resume': a resumed run counts afresh, so a phase with a new ratio serves it from its first step.")
+
+    @field_validator("ratio", mode="before")
+    @classmethod
+    def _parse(cls, ratio: Any) -> Any:
+        return parse_ratio(ratio)
 
     @field_validator("ratio")
     @classmethod

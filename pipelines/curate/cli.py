@@ -23,14 +23,14 @@ HELP = "\n\n".join([
 
 
 def _parse_sets(values: list[str]) -> dict:
-    import yaml
+    from fewstep.config import load_yaml
 
     overrides = {}
     for item in values:
         if "=" not in item:
             raise typer.BadParameter(f"--set {item!r}: expected KEY=VALUE (e.g. composition.total=300)")
         key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
+        overrides[key.strip()] = load_yaml(value)
     return overrides
 
 

@@ -37,14 +37,14 @@ def _config_path(value: str) -> Path:
 
 
 def _parse_sets(values: list[str]) -> dict:
-    import yaml
+    from fewstep.config import load_yaml
 
     overrides = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"--set {item!r}: expected KEY=VALUE, e.g. --set text_encoder.pool_size=2")
-        overrides[key.strip()] = yaml.safe_load(value)
+        overrides[key.strip()] = load_yaml(value)
     return overrides
 
 

@@ -68,3 +68,16 @@ def test_set_reaches_list_items_and_explains_bad_paths():
         set_dotted(data, "models.7.path", "c")
     with pytest.raises(ConfigError, match="is a value"):
         set_dotted(data, "seed.value", 1)
+
+
+def test_config_yaml_reads_ratios_as_written_and_numbers_as_yaml_does():
+    import yaml
+
+    from fewstep.config import load_yaml
+
+    # YAML 1.1 (safe_load) reads an unquoted 9:1 as the base-60 number 541; configs keep the text.
+    assert yaml.safe_load("ratio: 9:1") == {"ratio": 541}
+    assert load_yaml("ratio: 9:1\nat: 12:30:00") == {"ratio": "9:1", "at": "12:30:00"}
+    for text in ("1", "-3", "0x1f", "017", "0b101", "1_000", "1.5", "3.0e-5", ".5", "-.inf", "1e-4",
+                 "true", "null", "[1, 2.5]", "{a: 7, b: [x, 2]}"):
+        assert load_yaml(text) == yaml.safe_load(text), text

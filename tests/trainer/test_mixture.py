@@ -139,3 +139,23 @@ def test_a_resume_keeps_the_runs_counts_unless_told_to_count_afresh(caplog):
     with caplog.at_level("WARNING", logger="trainer.objectives.dmd"):
         same = _resumed_dmd({"t2i": 7, "edit": 3}, "run", served)._make_mixer(world_size=2)
     assert same.served == served and "steer" not in caplog.text
+
+
+def test_ratio_as_the_paper_writes_it(tmp_path):
+    from trainer.runtime.config import parse_overrides
+
+    assert parse_config(MixtureConfig, {"ratio": "9:1"}).fractions() == {"t2i": 0.9, "edit": 0.1}
+    assert parse_config(MixtureConfig, {"ratio": "5:5"}).ratio == {"t2i": 5.0, "edit": 5.0}
+    # From the command line and from a config file, unquoted, as a user types it.
+    assert parse_overrides(["objective.mixture.ratio=7:3"]) == {"objective.mixture.ratio": "7:3"}
+    path = tmp_path / "mix.yaml"
+    path.write_text("ratio: 7:3\n")
+    from fewstep.config import load_config
+
+    assert load_config(MixtureConfig, path).fractions() == pytest.approx({"t2i": 0.7, "edit": 0.3})
+    with pytest.raises(ConfigError, match="quote it"):
+        parse_config(MixtureConfig, {"ratio": 423})  # what plain yaml.safe_load makes of 7:3
+    with pytest.raises(ConfigError, match="not a T2I:edit ratio"):
+        parse_config(MixtureConfig, {"ratio": "7/3"})
+    with pytest.raises(ConfigError, match="positive weight"):
+        parse_config(MixtureConfig, {"ratio": "0:0"})

@@ -190,12 +190,12 @@ def _check_device_cache(config: TrainConfig, path: str | Path) -> None:
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``key.sub=value`` strings from the CLI; values parsed as YAML (numbers, lists, null)."""
-    import yaml
+    from fewstep.config import load_yaml
 
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=100")
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = load_yaml(value)
     return out
