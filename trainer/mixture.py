@@ -20,27 +20,11 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from fewstep.config import StrictModel
+from fewstep.config import StrictModel, parse_ratio
 
 
 class MixtureError(ValueError):
     """A mixture that cannot be served (bad ratio, a task with no data)."""
-
-
-def parse_ratio(value: Any) -> Any:
-    """``"7:3"`` (T2I:edit, as the paper writes it) -> ``{t2i: 7, edit: 3}``; mappings pass through."""
-    if isinstance(value, bool) or isinstance(value, (int, float)):
-        # Unquoted in YAML, 7:3 is the base-60 integer 423: refuse it rather than guess.
-        raise ValueError(f"got the number {value!r}: YAML reads an unquoted 7:3 as a base-60 number; "
-                         "quote it ('7:3') or write {t2i: 7, edit: 3}")
-    if isinstance(value, str):
-        parts = value.split(":")
-        try:
-            t2i, edit = (float(part) for part in parts)
-        except ValueError:
-            raise ValueError(f"{value!r} is not a T2I:edit ratio: write '7:3' or {{t2i: 7, edit: 3}}") from None
-        return {"t2i": t2i, "edit": edit}
-    return value
 
 
 class MixtureConfig(StrictModel):

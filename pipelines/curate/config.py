@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fewstep.config import StrictModel
+from fewstep.config import StrictModel, parse_ratio
 
 # Zero-shot tagging descriptions: a prompt takes the category of its most similar description.
 # Several short descriptions per category cover its different kinds of prompt.
@@ -169,6 +169,29 @@ class CompositionConfig(StrictModel):
     replace: bool = Field(
         False, description="Repeat rows (sampled with replacement) to fill categories short of their target.")
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ratio_shorthand(cls, data: Any) -> Any:
+        """``ratio: '7:3'`` (T2I:edit) sets the two tasks' weights; their categories are kept."""
+        if not isinstance(data, dict) or "ratio" not in data:
+            return data
+        data = dict(data)
+        try:
+            ratio = parse_ratio(data.pop("ratio"))
+        except ValueError as exc:
+            raise ValueError(f"composition.ratio: {exc}") from None
+        if not isinstance(ratio, dict):
+            raise ValueError("composition.ratio: write '7:3' (T2I:edit) or {t2i: 7, edit: 3}")
+        tasks = dict(data.get("tasks") or {})
+        for task, weight in ratio.items():
+            spec = dict(tasks.get(task) or {})
+            if spec.get("count") is not None or spec.get("weight") is not None:
+                raise ValueError(f"composition.ratio and composition.tasks.{task} both size {task}: "
+                                 "give the ratio or the task's weight/count, not both")
+            tasks[task] = {**spec, "weight": float(weight)}
+        data["tasks"] = tasks
+        return data
 
     @field_validator("tasks")
     @classmethod

@@ -142,3 +142,19 @@ def test_summary_marks_categories_the_composition_does_not_list():
     lines = {line.split("│")[2].strip(): line for line in out.getvalue().splitlines() if line.count("│") > 5}
     assert "not in composition" in lines["portrait"] and " - " in lines["portrait"]
     assert "not in composition" not in lines["text"]
+
+
+def test_ratio_shorthand_sizes_the_tasks_like_their_weights(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("composition:\n  ratio: 7:3\n  total: 300\n")  # unquoted, as a user types it
+    short = load_config(CurateConfig, path).composition
+    long = load_config(CurateConfig, PRESETS / "ratio-7-3.yaml").composition
+    assert short.tasks == long.tasks
+    assert select(_rows(SMALL), short, KNOWN).targets == select(_rows(SMALL), long, KNOWN).targets
+    # Categories given beside the ratio are kept; a task sized twice is an error naming both keys.
+    kept = CompositionConfig.model_validate({"ratio": "9:1", "tasks": {"t2i": {"categories": {"text": {"count": 5}}}}})
+    assert kept.tasks["t2i"].weight == 9 and kept.tasks["t2i"].categories["text"].count == 5
+    with pytest.raises(ConfigError, match="composition.ratio and composition.tasks.t2i"):
+        load_config(CurateConfig, path, {"composition.tasks": {"t2i": {"weight": 2}}})
+    with pytest.raises(ConfigError, match="composition.ratio: .*quote it"):
+        load_config(CurateConfig, path, {"composition.ratio": 423})
