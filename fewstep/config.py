@@ -103,6 +103,21 @@ def load_config(model: type[T], path: str | Path, overrides: dict[str, Any] | No
     return parse_config(model, data, str(path))
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key.sub=value`` strings from the CLI (``--set``); values parsed as config YAML (numbers,
+    lists, null, ``7:3`` as text)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=100")
+        try:
+            out[key.strip()] = load_yaml(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {exc}") from None
+    return out
+
+
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``a.b.c`` in a config tree; a number indexes a list (``models.2.path``)."""
     keys = dotted.split(".")

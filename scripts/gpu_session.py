@@ -163,8 +163,8 @@ def main() -> None:
 
     import torch
 
+    from fewstep.config import parse_overrides
     from fewstep.storage import normalize
-    from trainer.runtime.config import parse_overrides
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log.info("device %s (%s), torch %s", device,

@@ -30,9 +30,9 @@ def distill(
 
     Example: fewstep distill --config configs/distill/base.yaml --data runs/demo/shards
     """
-    from fewstep.config import ConfigError
+    from fewstep.config import ConfigError, parse_overrides
     from fewstep.settings import get_settings
-    from trainer.runtime.config import load_train_config, parse_overrides
+    from trainer.runtime.config import load_train_config
     from trainer.runtime.launch import launch
 
     try:
@@ -68,11 +68,10 @@ def evaluate(
 
     Example: fewstep eval --config configs/eval/mini.yaml --out runs/eval-mini
     """
-    from fewstep.config import ConfigError, load_config
+    from fewstep.config import ConfigError, load_config, parse_overrides
     from fewstep.settings import get_settings
     from trainer.evaluate.config import EvalConfig
     from trainer.evaluate.run import run_eval
-    from trainer.runtime.config import parse_overrides
 
     try:
         cfg = load_config(EvalConfig, config, parse_overrides(set_))
@@ -158,7 +157,7 @@ def demo(
     from trainer.demo import DemoError, load_demo_config, run_demo
 
     try:
-        from trainer.runtime.config import parse_overrides
+        from fewstep.config import parse_overrides
 
         cfg = load_demo_config(config, parse_overrides(set_))
     except ConfigError as exc:

@@ -43,9 +43,9 @@ def run_training(config_path: str, overrides: list[str], dry_run: bool) -> None:
     import yaml
     from rich.console import Console
 
-    from fewstep.config import ConfigError
+    from fewstep.config import ConfigError, parse_overrides
     from fewstep.settings import get_settings
-    from trainer.runtime.config import load_train_config, parse_overrides
+    from trainer.runtime.config import load_train_config
 
     console = Console(stderr=True)
     try:

@@ -23,15 +23,9 @@ HELP = "\n\n".join([
 
 
 def _parse_sets(values: list[str]) -> dict:
-    from fewstep.config import load_yaml
+    from fewstep.config import parse_overrides
 
-    overrides = {}
-    for item in values:
-        if "=" not in item:
-            raise typer.BadParameter(f"--set {item!r}: expected KEY=VALUE (e.g. composition.total=300)")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = load_yaml(value)
-    return overrides
+    return parse_overrides(values)
 
 
 def register(app: typer.Typer) -> None:

@@ -37,15 +37,9 @@ def _config_path(value: str) -> Path:
 
 
 def _parse_sets(values: list[str]) -> dict:
-    from fewstep.config import load_yaml
+    from fewstep.config import parse_overrides
 
-    overrides = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"--set {item!r}: expected KEY=VALUE, e.g. --set text_encoder.pool_size=2")
-        overrides[key.strip()] = load_yaml(value)
-    return overrides
+    return parse_overrides(values)
 
 
 def register(app: typer.Typer) -> None:

@@ -81,3 +81,14 @@ def test_config_yaml_reads_ratios_as_written_and_numbers_as_yaml_does():
     for text in ("1", "-3", "0x1f", "017", "0b101", "1_000", "1.5", "3.0e-5", ".5", "-.inf", "1e-4",
                  "true", "null", "[1, 2.5]", "{a: 7, b: [x, 2]}"):
         assert load_yaml(text) == yaml.safe_load(text), text
+
+
+def test_set_values_are_parsed_once_for_every_stage():
+    from fewstep.config import parse_overrides
+
+    assert parse_overrides(["a.b=3", "c=[1, 2]", "d=null", "e= 9:1", "f=x=y"]) == \
+        {"a.b": 3, "c": [1, 2], "d": None, "e": "9:1", "f": "x=y"}
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_overrides(["train.max_steps"])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_overrides(["models=[1, 2"])

@@ -142,7 +142,7 @@ def test_a_resume_keeps_the_runs_counts_unless_told_to_count_afresh(caplog):
 
 
 def test_ratio_as_the_paper_writes_it(tmp_path):
-    from trainer.runtime.config import parse_overrides
+    from fewstep.config import parse_overrides
 
     assert parse_config(MixtureConfig, {"ratio": "9:1"}).fractions() == {"t2i": 0.9, "edit": 0.1}
     assert parse_config(MixtureConfig, {"ratio": "5:5"}).ratio == {"t2i": 5.0, "edit": 5.0}

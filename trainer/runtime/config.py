@@ -186,16 +186,3 @@ def _check_device_cache(config: TrainConfig, path: str | Path) -> None:
     if not resolve_objective(config.objective_name()).selectable_batches:
         raise ConfigError(f"{path}: data.device_cache_mb: the {config.objective_name()} objective "
                           "decodes every batch itself; set data.device_cache_mb: 0")
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``key.sub=value`` strings from the CLI; values parsed as YAML (numbers, lists, null)."""
-    from fewstep.config import load_yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=100")
-        out[key.strip()] = load_yaml(value)
-    return out
