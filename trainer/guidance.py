@@ -183,10 +183,17 @@ class LambdaTable:
     ) -> LambdaTable:
         """Validate ``mapping`` (category or 'default' -> K x M rows) and expand it to a tensor.
 
-        Every category in ``categories`` gets its own table or the ``default`` one; a table
-        for a category outside ``categories`` is kept too (it may appear at run time).
+        Every category in ``categories`` gets its own table or the ``default`` one. A table for
+        a name outside ``categories`` is an error: no row would ever use it, so a misspelt
+        category would silently turn a specialist run into a base-only one.
         """
         validate_lambdas(mapping, teachers, num_steps)
+        unknown = [k for k in mapping if k != DEFAULT_KEY and k.split(":", 1)[-1] not in categories]
+        if unknown:
+            raise GuidanceError(
+                f"guidance: tables for categories {unknown} that are not in objective.categories "
+                f"{sorted(set(categories))}: fix the name (in lambdas or a teacher's specialises) "
+                "or add it to objective.categories")
         known = list(dict.fromkeys([*categories, *[k for k in mapping if k != DEFAULT_KEY]]))
         missing = [c for c in known if c not in mapping and DEFAULT_KEY not in mapping]
         if missing:

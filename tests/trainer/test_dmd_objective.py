@@ -136,6 +136,9 @@ def test_config_errors_name_the_field(world):
             "lambdas": {"default": [[0.5]] * 4}}).objective_config()
     with pytest.raises(ConfigError, match="renoise_t"):
         _config(root, data, base, specialist, renoise_t=[0.9, 0.1]).objective_config()
+    for probs in ([1, -1, 0, 0], [0, 0, 0, 0], [1, 1]):
+        with pytest.raises(ConfigError, match="step_probs: give 4 non-negative weights"):
+            _config(root, data, base, specialist, step_probs=probs).objective_config()
 
 
 def test_backward_simulation_uses_the_students_own_steps(world):

@@ -67,6 +67,9 @@ def test_custom_table_per_category_and_default():
         ({"default": [[1, 0]] * 3 + [[0.5, 0.4]]}, r"lambdas\.default\[3\]: weights .* sum to 0.9, not 1"),
         ({"text": [[1, 0]] * 4}, r"no table for categories \['portrait', 'landscape'\]"),
         ({"default": [[1, 0]] * 3 + [[float("nan"), 1.0]]}, r"not a number"),
+        # A misspelt category would match no row and leave the specialist unused: refused.
+        ({"default": [[1, 0]] * 4, "txt": [[0, 1]] * 4}, r"tables for categories \['txt'\] .* objective.categories"),
+        ({"default": [[1, 0]] * 4, "t2i:txt": [[0, 1]] * 4}, r"\['t2i:txt'\]"),
     ],
 )
 def test_invalid_tables_raise_clear_errors(lambdas, match):
@@ -83,6 +86,13 @@ def test_config_level_errors():
         parse_config(GuidanceConfig, {"teachers": [TEACHERS[0], TEACHERS[0]]})
     with pytest.raises(GuidanceError, match="no base teacher"):
         parse_config(GuidanceConfig, {"teachers": [TEACHERS[1]], "preset": "stepwise"}).build_table(4, CATS)
+
+
+def test_a_misspelt_specialisation_is_an_error_not_a_base_only_run():
+    teachers = [TEACHERS[0], {"name": "text", "path": "t/text", "specialises": ["Text"]}]
+    for preset in ("stepwise", "specialist"):
+        with pytest.raises(GuidanceError, match=r"\['Text'\].*fix the name"):
+            parse_config(GuidanceConfig, {"teachers": teachers, "preset": preset}).build_table(4, CATS)
 
 
 def test_step_out_of_range_is_an_error():

@@ -63,7 +63,8 @@ class DMDConfig(StrictModel):
     student_optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=2e-6))
     fake_optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=4e-6))
     renoise_t: tuple[float, float] = Field((0.02, 0.98), description="Range of the DMD re-noise t.")
-    renoise_shift: float = Field(1.0, gt=0, description="Shift applied to the sampled re-noise t.")
+    renoise_shift: float = Field(1.0, gt=0, description="Shift applied to the sampled re-noise t (and to "
+                                 "the fake score's training t, so it learns where it is queried).")
     fake_t: tuple[float, float] = Field((0.02, 0.98), description="t range of the fake score's loss.")
     step_probs: list[float] | None = Field(None, description="Probability of each student step k "
                                            "(default uniform).")
@@ -92,8 +93,10 @@ class DMDConfig(StrictModel):
             lo, hi = getattr(self, name)
             if not 0.0 <= lo < hi <= 1.0:
                 raise ValueError(f"{name}: need 0 <= low < high <= 1, got [{lo}, {hi}]")
-        if self.step_probs is not None and len(self.step_probs) != self.student_steps:
-            raise ValueError(f"step_probs: {len(self.step_probs)} values for {self.student_steps} steps")
+        if self.step_probs is not None and (len(self.step_probs) != self.student_steps
+                                            or min(self.step_probs) < 0 or sum(self.step_probs) <= 0):
+            raise ValueError(f"step_probs: give {self.student_steps} non-negative weights with a positive sum "
+                             f"(one per student step), got {self.step_probs}")
         if isinstance(self.guidance_scale, dict) and set(self.guidance_scale) != {"t2i", "edit"}:
             raise ValueError(f"guidance_scale: {self.guidance_scale} names only "
                              f"{sorted(self.guidance_scale)}; give both t2i and edit, or one number")
@@ -299,7 +302,9 @@ class DMDObjective(Objective):
             with torch.no_grad():
                 z_k, t_k = M.backward_simulate(student_fn, noise, sigmas, steps.to(state.device))
                 x, _ = M.student_x0(student_fn, z_k, t_k)
-            t = M.sample_timesteps(len(batch), *cfg.fake_t, generator=state.generator, device=state.device)
+            # Trained where the student update queries it: the re-noise t is shifted by renoise_shift.
+            t = M.sample_timesteps(len(batch), *cfg.fake_t, shift=cfg.renoise_shift,
+                                   generator=state.generator, device=state.device)
             loss = M.flow_matching_loss(fake_fn, x, t, torch.randn(x.shape, generator=state.generator).to(x))
             fake.backward(loss)
             fake_stats = fake.step()

@@ -39,7 +39,6 @@ class ValidationConfig(StrictModel):
     cases_per_category: int = Field(2, ge=1, description="First N cases of each category.")
     judge: str = Field("offline", description="Bench judge name (see fewstep.bench.judges).")
     resolution: int | None = Field(None, ge=8, description="Sampling size (default: the teacher's).")
-    seed: int = Field(0, description="Seed of the per-step student-step draws shared by all ranks.")
     save_grids: bool = True
 
 
