@@ -100,7 +100,7 @@ def test_eval_writes_cases_tables_grids_with_nfe_counts(models, ray_cluster):
     cfg = parse_config(EvalConfig, {
         "models": [
             {"name": "teacher", "path": teacher, "role": "teacher", "nfe": TEACHER_NFE, "guidance_scale": 2.0},
-            {"name": "student", "path": student, "role": "student"},
+            {"name": "student", "path": student},  # no role: an exported student says it is one
         ],
         "cases_per_category": 1, "resolution": 32, "batch_size": 8, "grid_cases": 2, "seeds_per_case": DRAWS,
     })
@@ -111,8 +111,15 @@ def test_eval_writes_cases_tables_grids_with_nfe_counts(models, ray_cluster):
     assert teacher_m["nfe"] == TEACHER_NFE and student_m["nfe"] == STUDENT_NFE
     assert teacher_m["network_calls_per_image"] == 2 * TEACHER_NFE  # true CFG: cond + uncond
     assert student_m["network_calls_per_image"] == STUDENT_NFE
+    assert (teacher_m["role"], student_m["role"]) == ("teacher", "student")
     for m in (teacher_m, student_m):
         assert m["seconds_per_image"] > 0
+        # Each bench reports its own cost; together they make up the model's.
+        per_bench = [(b["seconds_per_image"], b["cases"] * b["draws_per_case"]) for b in m["benches"].values()]
+        assert all(sec > 0 for sec, _ in per_bench)
+        assert sum(sec * n for sec, n in per_bench) / sum(n for _, n in per_bench) == \
+            pytest.approx(m["seconds_per_image"])
+        assert {b["network_calls_per_image"] for b in m["benches"].values()} == {m["network_calls_per_image"]}
         assert m["images"] == DRAWS * (len(T2I_CATEGORIES) + len(EDIT_CATEGORIES))
         assert set(m["benches"]) == {"t2i-bench-mini", "editing-bench-mini"}
         assert 1 <= m["benches"]["t2i-bench-mini"]["score"] <= 5

@@ -20,7 +20,9 @@ class ModelEntry(StrictModel):
 
     name: str = Field(..., description="Label in tables and file names (letters, digits, - _ .).")
     path: str = Field(..., description="Pipeline directory (local or s3://).")
-    role: Literal["teacher", "student"] = "teacher"
+    role: Literal["teacher", "student"] | None = Field(
+        None, description="Default: the directory's own (an exported student is a student, anything "
+        "else a teacher).")
     nfe: int | None = Field(None, ge=1, description="Sampling steps (default: teacher 80, a student "
                             "its exported step count).")
     guidance_scale: float | None = Field(None, ge=1.0, description="True CFG scale (default: teacher "
@@ -64,6 +66,13 @@ class EvalConfig(StrictModel):
         1, ge=1, description="Draws per case, each from its own noise (draw 0 uses the case's seed). "
         "Paired comparisons average a case's draws first, so their sign test still counts cases; "
         "more draws make a small difference between two models measurable.")
+
+    @field_validator("judge")
+    @classmethod
+    def _judge_loads(cls, value: str) -> str:
+        from trainer.evaluate.judging import check_judge
+
+        return check_judge(value)
 
     @model_validator(mode="after")
     def _unique(self) -> EvalConfig:

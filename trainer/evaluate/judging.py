@@ -27,6 +27,24 @@ def load_judge(name: str) -> Any:
     raise ValueError(f"judge: unknown judge {name!r}; use 'offline' or 'package.module:Class'")
 
 
+def check_judge(name: str) -> str:
+    """``name`` if :func:`load_judge` can load it (``offline``, or an importable
+    ``package.module:Class``); a ValueError naming the fix otherwise. Nothing heavy is built."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(f"cannot import {module_name!r} ({exc}); use 'offline' or an importable "
+                             "'package.module:Class'") from None
+        if not hasattr(module, attr):
+            raise ValueError(f"{module_name!r} has no {attr!r}; use 'offline' or 'package.module:Class'")
+        return name
+    if name != "offline":
+        raise ValueError(f"unknown judge {name!r}; use 'offline' or 'package.module:Class'")
+    return name
+
+
 def judge_case(judge: Any, case: Any, image: Image.Image, source: Image.Image | None = None) -> dict[str, Any]:
     """``{"score": 1-5, "verdict": <paper JSON>, "details": {...}}`` for one generated image."""
     if case.task == "edit":

@@ -30,7 +30,7 @@ def resolve_model(entry: ModelEntry, storage: StorageOptions | None = None) -> d
     from trainer.export import default_sampling
 
     found = default_sampling(entry.path, storage)
-    role = entry.role
+    role = entry.role or found["role"]
     if role == "student":
         nfe = entry.nfe or found["num_steps"] or 4
         cfg = entry.guidance_scale if entry.guidance_scale is not None else (found["cfg"] or 1.0)

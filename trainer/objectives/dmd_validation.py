@@ -18,7 +18,7 @@ import logging
 from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from fewstep import storage
 from fewstep.config import StrictModel
@@ -40,6 +40,13 @@ class ValidationConfig(StrictModel):
     judge: str = Field("offline", description="Bench judge name (see fewstep.bench.judges).")
     resolution: int | None = Field(None, ge=8, description="Sampling size (default: the teacher's).")
     save_grids: bool = True
+
+    @field_validator("judge")
+    @classmethod
+    def _judge_loads(cls, value: str) -> str:
+        from trainer.evaluate.judging import check_judge
+
+        return check_judge(value)
 
 
 def pick_cases(bench: str, per_category: int, rank: int, world_size: int) -> list[Any]:
