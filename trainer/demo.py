@@ -6,7 +6,8 @@ student) -> eval (teacher 80 NFE + CFG vs student 4 NFE on the mini benches) -> 
 Every stage is the project's own stage function with its own config file (the demo config
 only points at them and sets a few keys), all inside one Ray session. Finished stages in the
 run folder are reused (``resume: true``), so a second run or a run after an interruption
-picks up where the first stopped. ``<run_dir>/summary.json`` holds, for every evaluated
+picks up where the first stopped; the folder records what made each stage
+(``demo_inputs.json``), and a stage whose inputs changed is redone with every stage after it. ``<run_dir>/summary.json`` holds, for every evaluated
 model, its role, NFE, measured seconds per image and its average score on each bench.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 from pydantic import Field
 
 from fewstep import storage
-from fewstep.config import ConfigError, StrictModel, load_config, set_dotted
+from fewstep.config import ConfigError, StrictModel, load_config, parse_config, set_dotted
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ class DemoConfig(StrictModel):
     ray_num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of the embedded cluster.")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto); credentials "
                                         "come from FEWSTEP_/AWS_ environment settings.")
-    resume: bool = Field(True, description="Reuse stages already finished in run_dir.")
+    resume: bool = Field(True, description="Reuse stages already finished in run_dir whose inputs "
+                         "(and those of every stage before them) are unchanged; false redoes all.")
     corpus: CorpusStep = Field(default_factory=CorpusStep)
     curate: StageStep = Field(default_factory=lambda: StageStep(config="configs/curate/default.yaml"))
     precompute: StageStep = Field(default_factory=lambda: StageStep(config="configs/precompute/default.yaml"))
@@ -94,6 +96,7 @@ class Stages:
         self.settings = get_settings()
         self.run_dir = storage.normalize(cfg.run_dir)
         self.seconds: dict[str, float] = {}
+        self.redo: list[str] = list(self.NAMES)  # stages_to_redo() narrows it
         self.started = time.perf_counter()
 
     def uri(self, *parts: str) -> str:
@@ -108,7 +111,8 @@ class Stages:
         print(f"    {name} done in {self.seconds[name]:.1f} s {note}", flush=True)
 
     def finished(self, marker: str) -> bool:
-        return self.cfg.resume and storage.exists(self.uri(marker), self.options)
+        stage = next(n for n, d in STAGE_DIRS.items() if marker.startswith(d + "/"))
+        return stage not in self.redo and storage.exists(self.uri(marker), self.options)
 
     # -------------------------------------------------------------- stages
     def corpus(self) -> str:
@@ -279,6 +283,71 @@ def print_summary(summary: dict[str, Any], run_dir: str, seconds: dict[str, floa
                   f"summary: {storage.join(run_dir, 'summary.json')}")
 
 
+def _reachable(field: str, uri: str, options) -> bool:
+    """Whether ``uri`` exists; a store that cannot be reached is a DemoError naming ``field``."""
+    try:
+        return storage.exists(uri, options)
+    except Exception as exc:  # botocore's credential and endpoint errors share no base class
+        raise DemoError(f"{field}: cannot reach {uri} ({type(exc).__name__}: {exc}); check the path, "
+                        "s3_endpoint_url and the FEWSTEP_/AWS_ credentials") from None
+
+
+def check_stage_configs(cfg: DemoConfig) -> None:
+    """Every stage's config file exists and validates with its ``set``, before any stage runs
+    (a typo in the eval section should not wait for the distillation to surface)."""
+    from pipelines.curate.config import CurateConfig
+    from pipelines.precompute.config import load_precompute_config
+    from trainer.evaluate.config import EvalConfig
+    from trainer.runtime.config import TrainConfig
+
+    try:
+        load_config(CurateConfig, _config_path(cfg.curate.config), cfg.curate.set)
+        load_precompute_config(_config_path(cfg.precompute.config), cfg.precompute.set)
+        path = _config_path(cfg.distill.config)
+        data = load_config_dict(path, {**cfg.distill.set, "data.uri": "<shards>"})
+        parse_config(TrainConfig, _fill(data, {"{teacher}": cfg.teacher}), str(path)).objective_config()
+        path = _config_path(cfg.eval.config)
+        data = _fill(load_config_dict(path, cfg.eval.set), {"{teacher}": cfg.teacher, "{student}": "<student>"})
+        parse_config(EvalConfig, data, str(path))
+    except ConfigError as exc:
+        raise DemoError(str(exc)) from None
+
+
+INPUTS_FILE = "demo_inputs.json"
+STAGE_DIRS = {"corpus": "corpus", "curate": "curated", "precompute": "shards", "distill": "distill", "eval": "eval"}
+
+
+def demo_inputs(cfg: DemoConfig, teacher: str) -> dict[str, Any]:
+    """What decides each stage's output (its own settings and, from precompute on, the teacher)."""
+    return {"corpus": cfg.corpus.model_dump(mode="json"), "curate": cfg.curate.model_dump(mode="json"),
+            **{name: {"teacher": teacher, **getattr(cfg, name).model_dump(mode="json")}
+               for name in ("precompute", "distill", "eval")}}
+
+
+def stages_to_redo(cfg: DemoConfig, teacher: str, stages: Stages, options) -> list[str]:
+    """The stages a run must not reuse: all without ``resume``; with it, the first stage whose
+    inputs differ from those recorded in the run folder, and every stage after it. Their old
+    outputs are removed first, so an interrupted redo cannot leave a stale stage looking finished."""
+    uri = stages.uri(INPUTS_FILE)
+    wanted = demo_inputs(cfg, teacher)
+    redo = list(Stages.NAMES)
+    if cfg.resume:
+        before = storage.read_json(uri, options) if storage.exists(uri, options) else wanted
+        changed = [name for name in Stages.NAMES if before.get(name) != wanted[name]]
+        redo = list(Stages.NAMES[Stages.NAMES.index(changed[0]):]) if changed else []
+        if changed:
+            print(f"inputs of {changed[0]} differ from those {stages.run_dir} was made with: redoing "
+                  f"{', '.join(redo)}", flush=True)
+    for name in redo:
+        folder = stages.uri(STAGE_DIRS[name])
+        if name == "corpus" and cfg.corpus.uri:
+            continue  # the user's own corpus is read, never written
+        if storage.exists(folder, options):
+            storage.delete(folder, options, recursive=True)
+    storage.write_json_atomic(uri, wanted, options)
+    return redo
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from fewstep.raysession import ray_session
     from fewstep.settings import get_settings
@@ -290,14 +359,25 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
         options = replace(options, endpoint_url=cfg.s3_endpoint_url)
     teacher = _local_or_uri(cfg.teacher)
-    if not storage.exists(storage.join(teacher, "model_index.json"), options):
+    if not _reachable("teacher", storage.join(teacher, "model_index.json"), options):
         raise DemoError(
             f"teacher {cfg.teacher!r} not found ({teacher}/model_index.json is missing). The demo "
             "needs a base teacher pipeline: the shipped one lives in assets/teachers/base; or make a "
             "random tiny one with `fewstep models init-tiny --config teacher --out DIR` and pass "
             "--set teacher=DIR (its scores will be low: it is untrained)")
+    if cfg.corpus.uri and not _reachable("corpus.uri", storage.normalize(cfg.corpus.uri), options):
+        raise DemoError(f"corpus.uri: {cfg.corpus.uri} not found: give a raw corpus folder (t2i/ and "
+                        "edit/ parts), or null to build the small built-in one")
+    check_stage_configs(cfg)
     stages = Stages(cfg, options)
+    _reachable("run_dir", stages.run_dir, options)
+    stages.redo = stages_to_redo(cfg, teacher, stages, options)
     print(f"fewstep demo -> {stages.run_dir} (teacher {teacher})", flush=True)
+    from fewstep.contract import ContractError
+    from pipelines.curate.read import InputError
+    from pipelines.curate.rebalance import CompositionError
+    from pipelines.precompute.plan import PrecomputeError
+
     try:
         with ray_session(cfg.ray_address, cfg.ray_num_cpus):
             corpus = stages.corpus()
@@ -305,7 +385,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             shards = stages.precompute(curated, teacher)
             student = stages.distill(shards, teacher)
             report = stages.evaluate(teacher, student)
-    except ConfigError as exc:
+    except (ConfigError, InputError, CompositionError, PrecomputeError, ContractError) as exc:
         raise DemoError(str(exc)) from None
     summary = summarise(report)
     summary.update({"run_dir": stages.run_dir, "teacher": teacher, "student": student,

@@ -69,3 +69,10 @@ def test_demo_end_to_end(tmp_path, ray_cluster, capsys):
     # A second run reuses every finished stage.
     again = run_demo(cfg)
     assert again["models"] == summary["models"]
+    # Changed eval settings redo the eval alone: the student is the same files.
+    student_made = (tmp_path / "demo" / "distill" / "final" / "model_index.json").stat().st_mtime_ns
+    changed = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"set": {"grid_cases": 2}})})
+    third = run_demo(changed)
+    assert (tmp_path / "demo" / "distill" / "final" / "model_index.json").stat().st_mtime_ns == student_made
+    assert json.loads((tmp_path / "demo" / "eval" / "report.json").read_text())["config"]["grid_cases"] == 2
+    assert third["models"].keys() == summary["models"].keys()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,35 @@ def test_eval_rejects_unknown_keys(tmp_path):
     cfg.write_text(yaml.safe_dump({"models": [{"name": "t", "path": "/x", "nfe_steps": 3}]}))
     result = CliRunner().invoke(app, ["eval", "--config", str(cfg), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "models.0.nfe_steps" in result.output
+
+
+def test_demo_checks_its_inputs_before_any_stage_runs(tmp_path):
+    run = tmp_path / "run"
+    missing = CliRunner().invoke(app, ["demo", "--out", str(run), "--set", f"corpus.uri={tmp_path / 'nope'}"])
+    assert missing.exit_code == 2 and "corpus.uri" in missing.output and "not found" in missing.output
+    # A typo in the last stage's settings fails now, not after the distillation.
+    typo = CliRunner().invoke(app, ["demo", "--out", str(run), "--set", "eval.set={cases_per_categry: 1}"])
+    assert typo.exit_code == 2 and "cases_per_categry" in typo.output
+    assert not run.exists()
+
+
+def test_demo_redoes_the_stages_whose_inputs_changed(tmp_path):
+    """A run folder remembers what made each stage; a later run reuses a stage only if it and
+    every stage before it had the same inputs (the teacher counts from precompute on)."""
+    from trainer.demo import STAGE_DIRS, DemoConfig, Stages, stages_to_redo
+
+    def folder_run(**changes) -> list[str]:
+        cfg = DemoConfig.model_validate({"run_dir": str(tmp_path / "demo"), **changes})
+        for name in STAGE_DIRS.values():  # every stage looks finished
+            (tmp_path / "demo" / name).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "demo" / name / "done").write_text("x")
+        return stages_to_redo(cfg, cfg.teacher, Stages(cfg, None), None)
+
+    assert folder_run() == []  # no record yet (a folder of an older fewstep): reused, then recorded
+    assert json.loads((tmp_path / "demo" / "demo_inputs.json").read_text())["precompute"]["teacher"]
+    assert folder_run() == []
+    assert folder_run(eval={"config": "configs/eval/demo.yaml", "set": {"grid_cases": 2}}) == ["eval"]
+    assert not (tmp_path / "demo" / "eval" / "done").exists()  # removed, so never half-reused
+    assert (tmp_path / "demo" / "distill" / "done").exists()
+    assert folder_run(teacher="assets/teachers/text-specialist") == ["precompute", "distill", "eval"]
+    assert folder_run(teacher="assets/teachers/text-specialist", resume=False) == list(Stages.NAMES)
