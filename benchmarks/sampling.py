@@ -42,7 +42,8 @@ def measure(adapter, inputs, *, nfe: int, cfg: float, shift: float, batch_size: 
     best = None
     for _ in range(repeats):
         start = time.perf_counter()
-        fresh = prepare_cases(adapter, inputs.cases, inputs.resolution)  # encoding is part of a call
+        # Encoding is part of a call (the negative prompt only with CFG, which needs it).
+        fresh = prepare_cases(adapter, inputs.cases, inputs.resolution, with_uncond=cfg > 1)
         result = sample_cases(adapter, adapter.transformer, fresh, num_steps=nfe, guidance_scale=cfg,
                               shift=shift, batch_size=batch_size)
         total = time.perf_counter() - start
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (path, nfe, cfg, shift) in plan.items():
         ad = QwenImageAdapter.load(path, device=args.device)
         resolution = ad.resolution or chosen[0].resolution
-        inputs = prepare_cases(ad, chosen, resolution)
+        inputs = prepare_cases(ad, chosen, resolution, with_uncond=cfg > 1)
         print(f"{name}: {len(chosen)} {args.bench} cases, {nfe} NFE, CFG {cfg:g}, shift {shift:g} ...",
               flush=True)
         run = measure(ad, inputs, nfe=nfe, cfg=cfg, shift=shift, batch_size=args.batch_size,

@@ -112,7 +112,7 @@ class EvalWorker:
             draws = [int(draw) for _, draw in item["draws"]]
             cases = [self._case(item["bench"], cid, draw) for cid, draw in item["draws"]]
             resolution = item["resolution"] or ad.resolution or cases[0].resolution
-            inputs = prepare_cases(ad, cases, resolution)
+            inputs = prepare_cases(ad, cases, resolution, with_uncond=model["guidance_scale"] > 1)
             key = f"{model['path']}|{item['bench']}"
             if key not in self._warmed:  # first call pays one-off costs; keep them out of timings
                 sample_cases(ad, ad.transformer, inputs.select(slice(0, 1)), num_steps=1,

@@ -31,7 +31,7 @@ class CaseInputs:
     task: str
     resolution: int
     cond: PromptEmbeds
-    uncond: PromptEmbeds
+    uncond: PromptEmbeds | None  # None when prepared for sampling without CFG
     noise: torch.Tensor  # [B, C, h, w]
     source_latents: torch.Tensor | None = None
     sources: list[Image.Image] | None = None
@@ -42,7 +42,8 @@ class CaseInputs:
 
     def select(self, index: slice) -> CaseInputs:
         return CaseInputs(
-            self.cases[index], self.task, self.resolution, self.cond[index], self.uncond[index],
+            self.cases[index], self.task, self.resolution, self.cond[index],
+            None if self.uncond is None else self.uncond[index],
             self.noise[index], None if self.source_latents is None else self.source_latents[index],
             None if self.sources is None else self.sources[index], self.encode_s)
 
@@ -62,8 +63,11 @@ def case_noise(seed: int, channels: int, h: int, w: int) -> torch.Tensor:
 
 
 def prepare_cases(adapter: QwenImageAdapter, cases: Sequence[Any], resolution: int,
-                  negative_prompt: str = "") -> CaseInputs:
-    """Encode prompts (and edit sources) of one task's cases with the adapter's text encoder/VAE."""
+                  negative_prompt: str = "", with_uncond: bool = True) -> CaseInputs:
+    """Encode prompts (and edit sources) of one task's cases with the adapter's text encoder/VAE.
+
+    ``with_uncond=False`` skips the negative prompt, which only true CFG uses (a student's
+    measured time should not include an encoding it never needs)."""
     cases = list(cases)
     if not cases:
         raise ValueError("prepare_cases needs at least one case")
@@ -78,13 +82,14 @@ def prepare_cases(adapter: QwenImageAdapter, cases: Sequence[Any], resolution: i
     if task == "edit":
         sources = [c.source_image(resolution) for c in cases]
         cond = adapter.encode_prompts(prompts, images=sources)
-        uncond = adapter.encode_prompts([negative_prompt] * len(cases), images=sources)
+        uncond = adapter.encode_prompts([negative_prompt] * len(cases), images=sources) if with_uncond else None
         source_latents = adapter.encode_images(sources, size=(resolution, resolution)).float()
     else:
         sources, source_latents = None, None
         cond = adapter.encode_prompts(prompts)
-        uncond = adapter.encode_prompts([negative_prompt] * len(cases))
-    return CaseInputs(cases, task, resolution, cond.to(dtype=torch.float32), uncond.to(dtype=torch.float32),
+        uncond = adapter.encode_prompts([negative_prompt] * len(cases)) if with_uncond else None
+    return CaseInputs(cases, task, resolution, cond.to(dtype=torch.float32),
+                      None if uncond is None else uncond.to(dtype=torch.float32),
                       noise, source_latents, sources, time.perf_counter() - start)
 
 
@@ -128,6 +133,8 @@ def sample_cases(adapter: QwenImageAdapter, transformer, inputs: CaseInputs, *, 
                  guidance_scale: float, shift: float, batch_size: int = 16,
                  decode: bool = True) -> SampleResult:
     """Sample ``inputs`` in batches with ``num_steps`` Euler steps (true CFG if scale > 1)."""
+    if guidance_scale > 1 and inputs.uncond is None:
+        raise ValueError("true CFG needs the negative prompt: prepare_cases(..., with_uncond=True)")
     latents, images = [], []
     sample_s = decode_s = 0.0
     with count_calls(transformer) as counter:

@@ -80,7 +80,7 @@ class Validator:
         self.groups = []
         for bench in dict.fromkeys(cfg.benches):
             cases = pick_cases(bench, cfg.cases_per_category, env.rank, env.world_size)
-            self.groups.append((cases, prepare_cases(encoders, cases, resolution)))
+            self.groups.append((cases, prepare_cases(encoders, cases, resolution, with_uncond=False)))
         self.cases = [case for cases, _ in self.groups for case in cases]
         encoders.text_encoder = None
         self.adapter = encoders
