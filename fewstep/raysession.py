@@ -24,6 +24,7 @@ def ray_init(address: str | None = None, num_cpus: int | None = None, quiet: boo
         return False
     runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if address:
+        check_reachable(address)
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=not quiet, runtime_env=runtime_env)
         return True
@@ -42,6 +43,24 @@ def ray_init(address: str | None = None, num_cpus: int | None = None, quiet: boo
         runtime_env=runtime_env,
     )
     return True
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) Ray address must answer; otherwise ``ray.init``
+    keeps retrying for minutes before it fails. ``auto`` and addresses without a port pass."""
+    import socket
+
+    from fewstep.config import ConfigError
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(f"Ray address {address}: nothing answers at {host}:{port} ({exc}); start the "
+                          "cluster (`ray start --head`) or fix the address (FEWSTEP_RAY_ADDRESS, "
+                          "--ray-address or the config's ray_address)") from None
 
 
 @contextlib.contextmanager

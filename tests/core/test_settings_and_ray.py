@@ -48,3 +48,25 @@ def test_embedded_ray_is_private_and_shut_down():
     assert "UP False" in out.stdout
     temp = [line for line in out.stdout.splitlines() if line.startswith("TEMP")][0]
     assert "/tmp/fsray-" in temp
+
+
+def test_an_address_where_no_ray_cluster_answers_fails_at_once():
+    import socket
+
+    import pytest
+
+    from fewstep.config import ConfigError
+    from fewstep.raysession import check_reachable, ray_session
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(ConfigError, match=f"nothing answers at 127.0.0.1:{port}.*ray start --head"):
+            with ray_session(address):
+                pass
+    with socket.socket() as server:  # a listening port passes the check
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        check_reachable(f"127.0.0.1:{server.getsockname()[1]}")
+    check_reachable("auto")
