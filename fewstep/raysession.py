@@ -52,7 +52,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
     from fewstep.config import ConfigError
 
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
     if address == "auto" or not sep or not port.isdigit():
         return
     try:
