@@ -22,8 +22,9 @@ EDIT_KEYS = ("instruction", "source_image", "target_image", "edit_category")
 
 
 def kind_of(record: dict) -> str:
-    """``edit`` when the record carries any edit field, else ``t2i``."""
-    return "edit" if any(key in record for key in EDIT_KEYS) else "t2i"
+    """``edit`` when the record carries any edit field with a value, else ``t2i`` (exports with one
+    schema for both tasks write the other task's fields as null)."""
+    return "edit" if any(record.get(key) is not None for key in EDIT_KEYS) else "t2i"
 
 
 class FieldError(Exception):
@@ -81,7 +82,15 @@ def _image(value: Any, name: str, base_dir: str, options: StorageOptions | None)
     if isinstance(value, dict):
         if value.get("bytes") is not None:
             data = value["bytes"]
-            return bytes(data) if not isinstance(data, str) else _b64(data, name)
+            if isinstance(data, str):
+                return _b64(data, name)
+            try:
+                if not isinstance(data, (bytes, bytearray, memoryview, list)):
+                    raise TypeError(type(data).__name__)
+                return bytes(data)
+            except (TypeError, ValueError):
+                raise FieldError("schema", f"{name}.bytes: expected bytes or base64 text, got "
+                                 f"{type(data).__name__}") from None
         if value.get("path") is not None:
             value = value["path"]
         else:

@@ -114,6 +114,8 @@ def _read_parquet(file: InputFile, handle, options: StorageOptions | None) -> It
     kind = "edit" if {"instruction", "source_image"} & names or set(EDIT_KEYS) & names else "t2i"
     if kind == "t2i" and "prompt" not in names and "image" not in names:
         kind = None  # neither schema: each row is rejected by the field checks
+    # One table for both tasks (T2I rows with null edit fields and vice versa): decided per row.
+    per_row = kind == "edit" and bool({"prompt", "image"} & names)
     # A curated dataset (fewstep's own output) is read back row by row in the raw contract.
     curated = (pf.schema_arrow.metadata or {}).get(b"fewstep.schema") == b"curated"
     base_dir = _base_dir(file.uri)
@@ -138,7 +140,7 @@ def _read_parquet(file: InputFile, handle, options: StorageOptions | None) -> It
                                      f"neither a raw T2I nor a raw edit table (columns {sorted(names)})")
             else:
                 yield parse_record(record, order=order, input_ref=ref, base_dir=base_dir, options=options,
-                                   kind=kind)
+                                   kind=None if per_row else kind)
             row_index += 1
 
 
@@ -176,11 +178,17 @@ def _read_jsonl(file: InputFile, handle, options: StorageOptions | None) -> Iter
         row_index += 1
         # surrogateescape keeps non-UTF-8 bytes visible to the field checks instead of failing the line.
         text = raw.decode("utf-8", errors="surrogateescape")
+        if line_no == 1:
+            text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
         try:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
             yield reject(new_row(order=order, input=ref), STAGE, "malformed_row",
                          f"line {line_no}: not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        except RecursionError:
+            yield reject(new_row(order=order, input=ref), STAGE, "malformed_row",
+                         f"line {line_no}: JSON nested too deeply to parse")
             continue
         yield parse_record(record, order=order, input_ref=ref, base_dir=base_dir, options=options)
 
@@ -232,6 +240,24 @@ def _sample_to_record(key: str, members: dict[str, bytes]) -> dict:
     return record
 
 
+class _CountingReader:
+    """A read-only stream that counts the bytes read through it (tar streams cannot seek)."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.bytes_read = handle, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        self.bytes_read += len(data)
+        return data
+
+    def drain(self) -> int:
+        """Read to the end; the stream's total length."""
+        while self.read(1 << 20):
+            pass
+        return self.bytes_read
+
+
 def _read_tar(file: InputFile, handle, options: StorageOptions | None) -> Iterator[dict]:
     base_dir = _base_dir(file.uri)
     row_index = 0
@@ -248,8 +274,9 @@ def _read_tar(file: InputFile, handle, options: StorageOptions | None) -> Iterat
         return parse_record(record, order=order, input_ref=ref, base_dir=base_dir, options=options)
 
     key, members = None, {}
+    counted = _CountingReader(handle)
     try:
-        with tarfile.open(fileobj=handle, mode="r|*") as tar:
+        with tarfile.open(fileobj=counted, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -264,6 +291,12 @@ def _read_tar(file: InputFile, handle, options: StorageOptions | None) -> Iterat
                     members = {}
                 key = sample_key
                 members[ext] = tar.extractfile(member).read()
+            end = tar.offset
+        # A stream cut at a header boundary ends the member loop quietly: an archive must still
+        # hold its end-of-archive block after the last member.
+        if counted.drain() - end < tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"the archive ends at byte {end} without its end-of-archive block "
+                                    "(cut short?)")
     except (tarfile.TarError, OSError, EOFError) as exc:
         # The sample in progress is incomplete: reject it with the file's error.
         yield _file_reject(file, row_index, "malformed_row", f"tar unreadable after {row_index} samples: {exc}",

@@ -162,3 +162,44 @@ def test_a_curated_dataset_reads_back_as_raw_records(tmp_path):
     assert (e_row["image"], e_row["source_image"]) == (rows[1]["image"], rows[1]["source_image"])
     assert e_row["caption_origin"] == "captioned"
     assert (bad["id"], bad["reason"]) == ("x-1", "schema") and "'video'" in bad["detail"]
+
+
+def test_a_tar_cut_between_members_is_not_read_as_complete(tmp_path):
+    data = _tar_bytes([("s000", {"png": _png(), "txt": b"a red square"}),
+                       ("s001", {"png": _png(), "txt": b"a blue square"})])
+    boundary = data.index(b"s001.png")  # the start of s001's first header: tarfile stops quietly here
+    (tmp_path / "cut.tar").write_bytes(data[:boundary])
+    rows = _rows(tmp_path / "cut.tar")
+    assert rows[-1]["reason"] == "malformed_row" and "end-of-archive" in rows[-1]["detail"]
+    assert not any(r["reason"] is None and r["id"] == "s001" for r in rows)
+
+
+def test_records_exported_with_one_schema_for_both_tasks(tmp_path):
+    """pandas-style exports write the other task's fields as null; the row's own fields decide."""
+    t2i = {"id": "t", "prompt": "a red square", "image": _png(), "instruction": None, "source_image": None,
+           "target_image": None, "edit_category": None, "category": None, "source": "s"}
+    edit = {"id": "e", "prompt": None, "image": None, "instruction": "make it blue", "source_image": _png(),
+            "target_image": _png((0, 0, 255)), "edit_category": "scene", "category": None, "source": "s"}
+    pq.write_table(pa.Table.from_pylist([t2i, edit]), tmp_path / "mixed.parquet")
+    rows = _rows(tmp_path / "mixed.parquet")
+    assert [(r["id"], r["task"], r["reason"]) for r in rows] == [("t", "t2i", None), ("e", "edit", None)]
+    line = {**t2i, "image": "imgs/one.png"}
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "one.png").write_bytes(_png())
+    (tmp_path / "mixed.jsonl").write_text(json.dumps(line) + "\n")
+    assert [(r["task"], r["reason"]) for r in _rows(tmp_path / "mixed.jsonl")] == [("t2i", None)]
+
+
+def test_odd_jsonl_content_is_a_reject_not_a_crash(tmp_path):
+    lines = [
+        "\ufeff" + json.dumps({"id": "bom", "prompt": "a red square", "source": "s"}),  # BOM on line 1
+        json.dumps({"id": "f", "prompt": "a red square", "image": {"bytes": 3.5}, "source": "s"}),
+        json.dumps({"id": "d", "prompt": "a red square", "image": {"bytes": {"x": 1}}, "source": "s"}),
+        json.dumps({"id": "r", "prompt": "a red square", "image": {"bytes": [300]}, "source": "s"}),
+        "[" * 100000 + "]" * 100000,
+    ]
+    (tmp_path / "odd.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rows = _rows(tmp_path / "odd.jsonl")
+    assert [(r["id"], r["reason"]) for r in rows] == [
+        ("bom", None), ("f", "schema"), ("d", "schema"), ("r", "schema"), (None, "malformed_row")]
+    assert "image.bytes" in rows[1]["detail"]
