@@ -202,6 +202,20 @@ class CompositionConfig(StrictModel):
         return value
 
     @model_validator(mode="after")
+    def _weights_that_count(self) -> CompositionConfig:
+        # Categories that all have counts fix their task's size, so a weight beside them would be
+        # silently ignored (a declared 7:3 could come out 3:7).
+        if len(self.tasks) > 1:
+            for task, spec in self.tasks.items():
+                counts = [c.count for c in spec.categories.values()]
+                if spec.weight is not None and counts and None not in counts:
+                    raise ValueError(
+                        f"composition.tasks.{task}: its categories all have counts ({sum(counts)} rows), "
+                        f"which fix its size, so its weight {spec.weight:g} (or a ratio) would be ignored: "
+                        "give the categories weights, or the task a count")
+        return self
+
+    @model_validator(mode="after")
     def _replace_needs_counts(self) -> CompositionConfig:
         if self.replace and self.total is None and any(t.count is None for t in self.tasks.values()):
             raise ValueError("composition.replace needs a total (or task counts): set composition.total")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fewstep.config import ConfigError, load_config
+from fewstep.config import ConfigError, load_config, parse_config
 from pipelines.curate.config import CompositionConfig, CurateConfig
 from pipelines.curate.rebalance import CompositionError, largest_remainder, plan_targets, select
 
@@ -152,9 +152,18 @@ def test_ratio_shorthand_sizes_the_tasks_like_their_weights(tmp_path):
     assert short.tasks == long.tasks
     assert select(_rows(SMALL), short, KNOWN).targets == select(_rows(SMALL), long, KNOWN).targets
     # Categories given beside the ratio are kept; a task sized twice is an error naming both keys.
-    kept = CompositionConfig.model_validate({"ratio": "9:1", "tasks": {"t2i": {"categories": {"text": {"count": 5}}}}})
-    assert kept.tasks["t2i"].weight == 9 and kept.tasks["t2i"].categories["text"].count == 5
+    kept = CompositionConfig.model_validate({"ratio": "9:1", "tasks": {"t2i": {"categories": {"text": {"weight": 2}}}}})
+    assert kept.tasks["t2i"].weight == 9 and kept.tasks["t2i"].categories["text"].weight == 2
     with pytest.raises(ConfigError, match="composition.ratio and composition.tasks.t2i"):
         load_config(CurateConfig, path, {"composition.tasks": {"t2i": {"weight": 2}}})
     with pytest.raises(ConfigError, match="composition.ratio: .*quote it"):
         load_config(CurateConfig, path, {"composition.ratio": 423})
+
+
+def test_a_weight_that_category_counts_would_override_is_refused():
+    counted = {"categories": {c: {"count": 10} for c in ("portrait", "landscape", "text")}}
+    with pytest.raises(ConfigError, match=r"composition.tasks.t2i: .*30 rows.*weight 7 .*ignored"):
+        parse_config(CompositionConfig, {"ratio": "7:3", "total": 100, "tasks": {"t2i": counted}})
+    # Counts and a task count agree with each other's meaning; counts alone on one task are fine too.
+    parse_config(CompositionConfig, {"tasks": {"t2i": {"count": 30, **counted}, "edit": {"weight": 1}}, "total": 100})
+    parse_config(CompositionConfig, {"tasks": {"t2i": {"weight": 1, **counted}}})
