@@ -32,7 +32,7 @@ from pipelines.curate.operators import (
     text_before_caption_op,
 )
 from pipelines.curate.read import InputError, list_inputs, read_inputs
-from pipelines.curate.rebalance import select
+from pipelines.curate.rebalance import CompositionError, select
 from pipelines.curate.report import composition_report
 from pipelines.curate.tagging import TagRows
 
@@ -122,7 +122,25 @@ def _decide(narrow: list[dict], cfg: CurateConfig, known: dict[str, list[str]]):
     for order in sorted(selection.copies):  # output order = input order, repeats next to their row
         plan[order] = (selection.copies[order], position)
         position += selection.copies[order]
+    _check_unique_ids({r["order"]: r["id"] for r in survivors if r["order"] in plan}, plan)
     return rejects, selection, plan, position
+
+
+def _check_unique_ids(ids: dict[int, str], plan: dict[int, tuple[int, int]]) -> None:
+    """Curated ids must be unique (the contract; precompute refuses a set that breaks it). Found
+    before anything is written, with the fix: ids that repeat are kept only with id dedup off, and
+    a raw id ending in ``#rep<k>`` can collide with a repeat's generated id."""
+    from collections import Counter
+
+    out = Counter(row_id if k == 0 else f"{row_id}#rep{k}" for order, row_id in ids.items()
+                  for k in range(plan[order][0]))
+    clashes = sorted(i for i, n in out.items() if n > 1)
+    if clashes:
+        raise CompositionError(
+            f"{len(clashes)} id(s) would appear more than once in the curated set, e.g. {clashes[:3]}: "
+            "keep filters.dedup.ids on (the first record of an id is kept, later ones rejected), or give "
+            "the records unique ids (a raw id ending in '#rep<k>' collides with a repeat made by "
+            "composition.replace)")
 
 
 def run_curate(

@@ -167,3 +167,13 @@ def test_a_weight_that_category_counts_would_override_is_refused():
     # Counts and a task count agree with each other's meaning; counts alone on one task are fine too.
     parse_config(CompositionConfig, {"tasks": {"t2i": {"count": 30, **counted}, "edit": {"weight": 1}}, "total": 100})
     parse_config(CompositionConfig, {"tasks": {"t2i": {"weight": 1, **counted}}})
+
+
+def test_ids_that_would_repeat_in_the_curated_set_stop_the_run_before_writing():
+    from pipelines.curate.run import _check_unique_ids
+
+    _check_unique_ids({1: "a", 2: "b"}, {1: (3, 0), 2: (1, 3)})  # a, a#rep1, a#rep2, b
+    with pytest.raises(CompositionError, match=r"\['dup'\].*filters.dedup.ids"):
+        _check_unique_ids({1: "dup", 2: "dup"}, {1: (1, 0), 2: (1, 1)})  # id dedup switched off
+    with pytest.raises(CompositionError, match=r"\['a#rep1'\].*#rep<k>"):
+        _check_unique_ids({1: "a#rep1", 2: "a"}, {1: (1, 0), 2: (2, 1)})  # a raw id like a repeat's
