@@ -116,6 +116,10 @@ def _read_parquet(file: InputFile, handle, options: StorageOptions | None) -> It
         kind = None  # neither schema: each row is rejected by the field checks
     # One table for both tasks (T2I rows with null edit fields and vice versa): decided per row.
     per_row = kind == "edit" and bool({"prompt", "image"} & names)
+    # Image columns of strings hold paths (or data URIs), not bytes: _binary_strings must not
+    # turn them into would-be image bytes.
+    path_columns = [f.name for f in pf.schema_arrow if f.name in ("image", "source_image", "target_image")
+                    and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))]
     # A curated dataset (fewstep's own output) is read back row by row in the raw contract.
     curated = (pf.schema_arrow.metadata or {}).get(b"fewstep.schema") == b"curated"
     base_dir = _base_dir(file.uri)
@@ -131,6 +135,9 @@ def _read_parquet(file: InputFile, handle, options: StorageOptions | None) -> It
                 row_index += 1
             continue
         for record in table.to_pylist():
+            for column in path_columns:
+                if isinstance(record.get(column), bytes):
+                    record[column] = record[column].decode("utf-8", errors="surrogateescape")
             ref = f"{file.ref}#row={row_index}"
             order = order_key(file.input_index, file.file_index, row_index)
             if curated:

@@ -203,3 +203,14 @@ def test_odd_jsonl_content_is_a_reject_not_a_crash(tmp_path):
     assert [(r["id"], r["reason"]) for r in rows] == [
         ("bom", None), ("f", "schema"), ("d", "schema"), ("r", "schema"), (None, "malformed_row")]
     assert "image.bytes" in rows[1]["detail"]
+
+
+def test_parquet_image_columns_may_hold_paths(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "one.png").write_bytes(_png())
+    rows = [{"id": "p", "prompt": "a red square", "image": "imgs/one.png", "source": "s"},
+            {"id": "q", "prompt": "a lost square", "image": "imgs/nope.png", "source": "s"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "paths.parquet")
+    got = _rows(tmp_path / "paths.parquet")
+    assert [(r["id"], r["reason"]) for r in got] == [("p", None), ("q", "missing_field")]
+    assert got[0]["image"] == _png()
