@@ -173,6 +173,11 @@ def _run(cfg: CurateConfig, inputs: list[str], output: str, options: StorageOpti
     from fewstep import storage as store
 
     out = store.normalize(output)
+    for given in inputs:
+        folder = store.normalize(given).rstrip("/")
+        if out == folder or out.startswith(folder + "/"):
+            raise InputError(f"--output {out} is inside --input {given}: a later run would read the curated "
+                             "set and its rejects back as input; write the output elsewhere")
     files = list_inputs(inputs, cfg.read.extensions, options)
     log.info("curate %r: %d input file(s) from %d input(s) -> %s", cfg.name, len(files), len(inputs), out)
     known = {task: list(cats) for task, cats in cfg.tagging.categories.items()}

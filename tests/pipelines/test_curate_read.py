@@ -214,3 +214,11 @@ def test_parquet_image_columns_may_hold_paths(tmp_path):
     got = _rows(tmp_path / "paths.parquet")
     assert [(r["id"], r["reason"]) for r in got] == [("p", None), ("q", "missing_field")]
     assert got[0]["image"] == _png()
+
+
+def test_an_output_inside_an_input_is_refused(tmp_path):
+    from pipelines.curate.run import run_curate
+
+    (tmp_path / "corpus").mkdir()
+    with pytest.raises(InputError, match="inside --input"):
+        run_curate("configs/curate/default.yaml", [str(tmp_path / "corpus")], str(tmp_path / "corpus" / "out"))
