@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -221,4 +222,5 @@ def test_an_output_inside_an_input_is_refused(tmp_path):
 
     (tmp_path / "corpus").mkdir()
     with pytest.raises(InputError, match="inside --input"):
-        run_curate("configs/curate/default.yaml", [str(tmp_path / "corpus")], str(tmp_path / "corpus" / "out"))
+        run_curate(str(Path(__file__).resolve().parents[2] / "configs" / "curate" / "default.yaml"),
+                   [str(tmp_path / "corpus")], str(tmp_path / "corpus" / "out"))
