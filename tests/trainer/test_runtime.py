@@ -262,3 +262,20 @@ def test_zero3_trains_like_zero2_from_the_saved_weights(world, tmp_path):
     for name, tensor in exported[2].items():
         diff = (exported[3][name] - tensor).abs().max().item()
         assert diff < 1e-5, f"{name}: ZeRO-3 differs from ZeRO-2 by {diff}"
+
+
+def test_launch_settings_that_would_fail_or_be_overridden_are_config_errors():
+    from fewstep.config import ConfigError, parse_config
+    from trainer.runtime.config import TrainConfig
+
+    base = {"run": {"name": "r"}, "train": {"max_steps": 1, "batch_size": 1},
+            "objective": {"name": "flow_matching"}}
+    with pytest.raises(ConfigError, match="deepspeed.enabled: false runs one process only"):
+        parse_config(TrainConfig, {**base, "deepspeed": {"enabled": False}, "scaling": {"num_workers": 2}})
+    parse_config(TrainConfig, {**base, "deepspeed": {"enabled": False}, "scaling": {"num_workers": 1}})
+    for extra, owner in (({"gradient_accumulation_steps": 2}, "train.batch_size"),
+                         ({"zero_optimization": {"stage": 3}}, "deepspeed.zero_stage"),
+                         ({"bf16": {"enabled": True}}, "train.precision")):
+        with pytest.raises(ConfigError, match=f"deepspeed.config: .*{owner}"):
+            parse_config(TrainConfig, {**base, "deepspeed": {"config": extra}})
+    parse_config(TrainConfig, {**base, "deepspeed": {"config": {"zero_optimization": {"reduce_bucket_size": 1000}}}})

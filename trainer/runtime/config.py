@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from fewstep.config import ConfigError, StrictModel, load_config, parse_config
 from fewstep.storage import join, normalize
@@ -138,6 +138,26 @@ class TrainConfig(StrictModel):
     data: DataSection = Field(default_factory=DataSection)
     objective: dict[str, Any] = Field(..., description="name: <objective> plus that objective's keys.")
     testing: TestingSection = Field(default_factory=TestingSection)
+
+    @model_validator(mode="after")
+    def _launch_that_runs(self) -> TrainConfig:
+        if self.launcher == "ray" and not self.deepspeed.enabled and self.scaling.num_workers > 1:
+            # torch DDP cannot run the objectives' several forward passes (T2I, edit) before one backward.
+            raise ValueError("deepspeed.enabled: false runs one process only; for data parallel use "
+                             "deepspeed.enabled: true with deepspeed.zero_stage: 0, or scaling.num_workers: 1")
+        owned = {"train_micro_batch_size_per_gpu": "train.batch_size", "train_batch_size": "train.batch_size",
+                 "gradient_accumulation_steps": "train.batch_size", "zero_optimization.stage": "deepspeed.zero_stage",
+                 "bf16": "train.precision", "fp16": "train.precision"}
+        given = set(self.deepspeed.config)
+        zero = self.deepspeed.config.get("zero_optimization")
+        if isinstance(zero, dict) and "stage" in zero:
+            given.add("zero_optimization.stage")  # ZeRO's other knobs (buckets, persistence) stay free
+        taken = sorted(given & set(owned))
+        if taken:
+            raise ValueError(f"deepspeed.config: {taken} are set by the runtime from "
+                             f"{sorted({owned[k] for k in taken})}; set those instead (an override here would "
+                             "change what the run does behind the metrics' back)")
+        return self
 
     def objective_name(self) -> str:
         return str(self.objective.get("name", ""))
