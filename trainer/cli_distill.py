@@ -47,9 +47,11 @@ def distill(
     if cfg.objective_name() != "dmd":
         _fail(f"{config}: objective.name is {cfg.objective_name()!r}; fewstep distill runs 'dmd' "
               "(use fewstep train-teacher for flow matching)")
+    from trainer.runtime.launch import RunFailedError
+
     try:
         result = launch(cfg, get_settings())
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, RunFailedError) as exc:
         _fail(str(exc))
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     typer.echo(json.dumps({"run": result.run_uri, "final": result.final_uri, "metrics": metrics}, indent=2))

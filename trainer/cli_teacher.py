@@ -65,9 +65,11 @@ def run_training(config_path: str, overrides: list[str], dry_run: bool) -> None:
         typer.echo(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False))
         typer.echo(f"# run folder: {config.run_uri(settings.runs_dir)}")
         return
+    from trainer.runtime.launch import RunFailedError
+
     try:
         result = launch(config, settings)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RunFailedError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
     metrics = result.metrics

@@ -377,6 +377,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from pipelines.curate.read import InputError
     from pipelines.curate.rebalance import CompositionError
     from pipelines.precompute.plan import PrecomputeError
+    from trainer.runtime.launch import RunFailedError
 
     try:
         with ray_session(cfg.ray_address, cfg.ray_num_cpus):
@@ -385,7 +386,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             shards = stages.precompute(curated, teacher)
             student = stages.distill(shards, teacher)
             report = stages.evaluate(teacher, student)
-    except (ConfigError, InputError, CompositionError, PrecomputeError, ContractError) as exc:
+    except (ConfigError, InputError, CompositionError, PrecomputeError, ContractError, RunFailedError) as exc:
         raise DemoError(str(exc)) from None
     summary = summarise(report)
     summary.update({"run_dir": stages.run_dir, "teacher": teacher, "student": student,

@@ -279,3 +279,15 @@ def test_launch_settings_that_would_fail_or_be_overridden_are_config_errors():
         with pytest.raises(ConfigError, match=f"deepspeed.config: .*{owner}"):
             parse_config(TrainConfig, {**base, "deepspeed": {"config": extra}})
     parse_config(TrainConfig, {**base, "deepspeed": {"config": {"zero_optimization": {"reduce_bucket_size": 1000}}}})
+
+
+@pytest.mark.slow
+def test_an_error_in_the_workers_reaches_the_user_as_one_clear_line(world, ray_cluster, tmp_path):
+    from trainer.runtime.config import TrainConfig
+    from trainer.runtime.launch import RunFailedError, launch
+
+    # Each worker holds about half of the tiny world's 32 rows: a batch of 64 never fills.
+    raw = _raw(world, str(tmp_path / "runs"), "too-big", batch_size=64, max_failures=0)
+    with pytest.raises(RunFailedError, match=r"failed \(rank \d\): .*no batch") as caught:
+        launch(TrainConfig.model_validate(raw))
+    assert "\n" not in str(caught.value)

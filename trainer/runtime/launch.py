@@ -38,6 +38,19 @@ log = logging.getLogger(__name__)
 CHECKPOINTS_NAME = "checkpoints"
 
 
+class RunFailedError(RuntimeError):
+    """A run that failed in its workers; the message is the workers' own last error line."""
+
+    @classmethod
+    def from_ray(cls, run_uri: str, error: BaseException) -> RunFailedError:
+        failures = getattr(error, "worker_failures", None) or {}
+        causes = list(failures.items()) or [(None, error)]
+        rank, cause = causes[0]
+        lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+        where = f" (rank {rank})" if rank is not None else ""
+        return cls(f"training run {run_uri} failed{where}: {lines[-1] if lines else type(cause).__name__}")
+
+
 @dataclass
 class RunResult:
     run_uri: str
@@ -237,10 +250,15 @@ def _launch_ray(config: TrainConfig, payload: Payload, settings: Settings) -> Ru
         follower = MetricsFollower(payload.run_uri, payload.storage, config.train.max_steps,
                                    f"{config.objective_name()} ({scaling.num_workers} Ray workers)",
                                    keys=resolve_objective(config.objective_name()).progress_keys)
-    with follower:
-        result = trainer.fit()
+    from ray.train import TrainingFailedError
+
+    try:
+        with follower:
+            result = trainer.fit()
+    except TrainingFailedError as exc:  # Ray Train 2.x raises a worker's error instead of returning it
+        raise RunFailedError.from_ray(payload.run_uri, exc) from exc
     if result.error is not None:
-        raise RuntimeError(f"training run {payload.run_uri} failed: {result.error}") from result.error
+        raise RunFailedError.from_ray(payload.run_uri, result.error) from result.error
     metrics = dict(result.metrics or {})
     final_uri = storage.join(payload.run_uri, FINAL_NAME)
     has_final = config.train.export and storage.exists(final_uri, payload.storage)
