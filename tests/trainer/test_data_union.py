@@ -97,3 +97,19 @@ def test_bad_root_lists_name_the_field(uri, message):
 def test_a_one_item_list_is_that_root():
     assert DataSection(uri=["/data/a"]).uri == "/data/a"
     assert DataSection(uri=["/data/a", "/data/b"]).primary_uri == "/data/a"
+
+
+def test_shards_of_another_model_are_refused_before_the_first_step(tmp_path):
+    import json
+
+    from trainer.runtime.data import check_shards_fit
+
+    root = tmp_path / "shards"
+    root.mkdir()
+    (root / "manifest.json").write_text(json.dumps({"latent_channels": 16, "text_embed_dim": 64}))
+    fits = {"out_channels": 16, "joint_attention_dim": 64}
+    check_shards_fit(fits, (str(root),), None, "objective.init (mine)")
+    with pytest.raises(ValueError, match=r"data.uri: .*\(text_embed_dim 64; objective.init \(mine\) takes 128\)"):
+        check_shards_fit({**fits, "joint_attention_dim": 128}, (str(root),), None, "objective.init (mine)")
+    with pytest.raises(ValueError, match="latent_channels 16"):
+        check_shards_fit({**fits, "out_channels": 4}, (str(root),), None, "objective.init (mine)")

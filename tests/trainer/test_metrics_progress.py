@@ -34,3 +34,19 @@ def test_flow_matching_bar_shows_loss_and_throughput(tmp_path) -> None:
     assert follower.progress.bar.n == 3
     assert "loss=0.25" in follower.progress.bar.postfix and "grad_norm" not in follower.progress.bar.postfix
     follower.progress.close()
+
+
+def test_a_restart_keeps_the_lines_up_to_its_checkpoint_and_no_other(tmp_path):
+    import json
+
+    from trainer.runtime.metrics import MetricsLog
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (0, 2, 4, 6)))
+    log = MetricsLog(str(run), None, tmp_path / "work", resume_step=4)  # resumed from step 4
+    log.close()
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [0, 2, 4]
+    log = MetricsLog(str(run), None, tmp_path / "work", resume_step=0)  # no checkpoint: from scratch
+    log.close()
+    assert (run / "metrics.jsonl").read_text() == ""  # its step-0 record is written again, once

@@ -138,6 +138,12 @@ class DMDObjective(Objective):
         self.table = config.table()
         self.active = self.table.active_teachers()
         self.teacher_names = [config.guidance.teachers[m].name for m in self.active]
+        from fewstep.models.pipeline_dir import PipelineDir
+        from trainer.runtime.data import check_shards_fit
+
+        transformer = PipelineDir(config.base_uri(), env.storage).read_json("transformer/config.json")
+        check_shards_fit(transformer, env.data_uris or ((env.data_uri,) if env.data_uri else ()), env.storage,
+                         f"the student's base ({config.base_uri()})")
 
     # ------------------------------------------------------------------ models
     def model_specs(self) -> list[ModelSpec]:

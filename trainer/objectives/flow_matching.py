@@ -33,6 +33,7 @@ from trainer.objectives.base import (
 )
 from trainer.objectives.dmd_math import renoise
 from trainer.objectives.flow_heldout import HeldoutConfig, HeldoutScorer
+from trainer.runtime.data import check_shards_fit
 from trainer.teachers.init import InitConfig, prepare_pipeline_dir
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ class FlowMatchingObjective(Objective):
         self.adapter = QwenImageAdapter.load(self.pipeline_uri, components=(), device="cpu",
                                              storage=env.storage)
         self.saved = SavedModel(self.pipeline_uri, "transformer", env.storage)
+        check_shards_fit(self.adapter.transformer_config, env.data_uris or ((env.data_uri,) if env.data_uri else ()),
+                         env.storage, f"objective.init ({config.init.path or self.pipeline_uri})")
         self.empty: PromptEmbeds | None = None
         self.heldout: HeldoutScorer | None = None
 

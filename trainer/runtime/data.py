@@ -347,3 +347,22 @@ class EpochCache:
         for start in range(0, n - self.batch_size + 1, self.batch_size):
             index = order[start:start + self.batch_size]
             yield {name: column[index] for name, column in self.table.items()}
+
+
+def check_shards_fit(transformer_config: dict, roots: tuple[str, ...], options: StorageOptions | None,
+                     model: str) -> None:
+    """Shards made with another teacher (other latent channels or text width) would end in a
+    matrix-shape error on the first step; say so up front, naming both."""
+    want = {"latent_channels": transformer_config.get("out_channels"),
+            "text_embed_dim": transformer_config.get("joint_attention_dim")}
+    for root in roots:
+        uri = storage.join(root, MANIFEST_NAME)
+        if not storage.exists(uri, options):
+            continue  # the data source reports a missing manifest itself
+        manifest = storage.read_json(uri, options)
+        for key, wanted in want.items():
+            got = manifest.get(key)
+            if got is not None and wanted is not None and int(got) != int(wanted):
+                raise ValueError(f"data.uri: {root} was precomputed for another model ({key} {got}; {model} "
+                                 f"takes {wanted}): precompute the data with that model's pipeline, or point "
+                                 "the objective at the teacher that made these shards")

@@ -34,7 +34,8 @@ class MetricsLog:
             previous = storage.read_bytes(self.uri, options).decode("utf-8").splitlines()
         elif not self.remote and self.path.exists():
             previous = self.path.read_text().splitlines()
-        kept = [line for line in previous if line.strip() and _step_of(line) <= resume_step]
+        # A run restarting from scratch (no checkpoint) logs its step-0 record again: keep nothing.
+        kept = [line for line in previous if line.strip() and resume_step > 0 and _step_of(line) <= resume_step]
         self.path.write_text("".join(line + "\n" for line in kept))
         self._handle = self.path.open("a", buffering=1)
 
