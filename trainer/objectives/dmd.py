@@ -138,17 +138,18 @@ class DMDObjective(Objective):
         self.table = config.table()
         self.active = self.table.active_teachers()
         self.teacher_names = [config.guidance.teachers[m].name for m in self.active]
-        from fewstep.models.pipeline_dir import PipelineDir
-        from trainer.runtime.data import check_shards_fit
-
-        transformer = PipelineDir(config.base_uri(), env.storage).read_json("transformer/config.json")
-        check_shards_fit(transformer, env.data_uris or ((env.data_uri,) if env.data_uri else ()), env.storage,
-                         f"the student's base ({config.base_uri()})")
 
     # ------------------------------------------------------------------ models
     def model_specs(self) -> list[ModelSpec]:
+        from fewstep.models.pipeline_dir import PipelineDir
+        from trainer.runtime.data import check_shards_fit
+
         cfg, storage = self.cfg, self.env.storage
         base = cfg.base_uri()
+        env = self.env  # before any model is built: shards of another model fail here, by name
+        check_shards_fit(PipelineDir(base, storage).read_json("transformer/config.json"),
+                         env.data_uris or ((env.data_uri,) if env.data_uri else ()), storage,
+                         f"the student's base ({base})")
         student, fake = _saved_transformer(base, storage), _saved_transformer(base, storage)
         specs = [
             ModelSpec("student", student.load, True, cfg.student_optimizer, saved=student),
