@@ -57,15 +57,26 @@ def list_inputs(inputs: list[str], extensions: list[str], options: StorageOption
         if fs.isdir(path) and (curated := _curated_parts(uri, options)) is not None:
             found = curated  # a curated dataset: its manifest's parts, not its rejects or stats
         elif fs.isdir(path):
-            found = [f for f in storage.list_files(uri, options=options)
-                     if any(f.endswith(ext) for ext in extensions)
-                     and not posixpath.basename(f).startswith((".", "_"))]
+            listed = [f for f in storage.list_files(uri, options=options)
+                      if not posixpath.basename(f).startswith((".", "_"))]
+            found = [f for f in listed if any(f.endswith(ext) for ext in extensions)]
+            _warn_near_misses(uri, [f for f in listed if f not in set(found)], extensions)
             if not found:
                 raise InputError(f"--input {uri}: no files ending in {extensions} under it")
         else:
             found = [uri]
         files.extend(InputFile(f, input_index, i, posixpath.relpath(f, parent)) for i, f in enumerate(found))
     return files
+
+
+def _warn_near_misses(uri: str, skipped: list[str], extensions: list[str]) -> None:
+    """Data files that ``read.extensions`` leaves out only by case or compression (``.JSONL``,
+    ``.jsonl.gz``) are easy to miss: say so (images beside a JSONL are skipped silently)."""
+    near = [f for f in skipped if any(ext in f.lower() for ext in extensions)]
+    if near:
+        log.warning("--input %s: %d file(s) skipped, not ending in %s exactly (case or compression), "
+                    "e.g. %s: rename or decompress them, or add their suffix to read.extensions",
+                    uri, len(near), extensions, near[:3])
 
 
 def _curated_parts(uri: str, options: StorageOptions | None) -> list[str] | None:

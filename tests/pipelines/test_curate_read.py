@@ -224,3 +224,18 @@ def test_an_output_inside_an_input_is_refused(tmp_path):
     with pytest.raises(InputError, match="inside --input"):
         run_curate(str(Path(__file__).resolve().parents[2] / "configs" / "curate" / "default.yaml"),
                    [str(tmp_path / "corpus")], str(tmp_path / "corpus" / "out"))
+
+
+def test_data_files_left_out_only_by_case_or_compression_are_named(tmp_path, caplog):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text(json.dumps({"id": "a", "prompt": "a red square", "source": "s"}) + "\n")
+    (corpus / "B.JSONL").write_text("{}\n")
+    (corpus / "c.jsonl.gz").write_bytes(b"\x1f\x8b")
+    (corpus / "picture.png").write_bytes(_png())  # an image beside the JSONL: expected, not named
+    with caplog.at_level("WARNING", logger="pipelines.curate.read"):
+        files = list_inputs([str(corpus)], [".parquet", ".jsonl", ".json", ".tar"], None)
+    assert [f.ref for f in files] == ["corpus/a.jsonl"]
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 file(s) skipped" in warned and "B.JSONL" in warned and "c.jsonl.gz" in warned
+    assert "picture.png" not in warned
