@@ -192,6 +192,11 @@ class ObjectiveEnv:
     work_dir: Path  # a local scratch directory of this worker
     data_uris: tuple[str, ...] = ()  # every root, when data.uri lists several (their union is streamed)
 
+    @property
+    def roots(self) -> tuple[str, ...]:
+        """Every dataset root of the run (one, several, or none)."""
+        return self.data_uris or ((self.data_uri,) if self.data_uri else ())
+
 
 @dataclass
 class TrainState:

@@ -100,8 +100,8 @@ class FlowMatchingObjective(Objective):
         self.adapter = QwenImageAdapter.load(self.pipeline_uri, components=(), device="cpu",
                                              storage=env.storage)
         self.saved = SavedModel(self.pipeline_uri, "transformer", env.storage)
-        check_shards_fit(self.adapter.transformer_config, env.data_uris or ((env.data_uri,) if env.data_uri else ()),
-                         env.storage, f"objective.init ({config.init.path or self.pipeline_uri})")
+        check_shards_fit(self.adapter.transformer_config, env.roots, env.storage,
+                         f"objective.init ({config.init.path or self.pipeline_uri})")
         self.empty: PromptEmbeds | None = None
         self.heldout: HeldoutScorer | None = None
 
