@@ -213,8 +213,31 @@ def test_one_process_stops_at_the_first_step_past_max_minutes(world, tmp_path):
     raw["deepspeed"]["enabled"] = False
     raw["testing"] = {"step_sleep_s": 0.2}
     result = launch(TrainConfig.model_validate(raw))
-    assert 2 <= result.metrics["step"] < 100
+    assert 1 <= result.metrics["step"] < 100
     assert [r["step"] for r in read_metrics(str(tmp_path / "budget"))] == [result.metrics["step"]]
+
+
+def test_a_restarted_worker_keeps_the_budget_the_run_was_launched_with(world, tmp_path):
+    """Ray restarts a failed worker group with the launch's payload: the budget is the launch's
+    deadline, not a fresh max_minutes, so a restart cannot stretch a fixed-time job."""
+    import time
+
+    from trainer.runtime.config import TrainConfig
+    from trainer.runtime.launch import _launch_local, resolve_paths
+    from trainer.runtime.loop import Payload
+    from trainer.runtime.metrics import read_metrics
+
+    raw = _raw(world, str(tmp_path), "late", max_steps=10_000, log_every=1000, checkpoint_every=1000,
+               batch_size=4, max_minutes=60, export=False)
+    raw.update(launcher="local", device="cpu")
+    raw["deepspeed"]["enabled"] = False
+    config = resolve_paths(TrainConfig.model_validate(raw))
+    # As a worker group restarted 61 minutes into a 60-minute run sees it.
+    payload = Payload(config=config.model_dump(mode="json"), run_uri=str(tmp_path / "late"),
+                      storage=None, deadline=time.time() - 60)
+    result = _launch_local(config, payload)
+    assert result.metrics["step"] == 1
+    assert [r["step"] for r in read_metrics(str(tmp_path / "late"))] == [1]
 
 
 def test_zero3_trains_like_zero2_from_the_saved_weights(world, tmp_path):

@@ -54,7 +54,8 @@ class TrainSection(StrictModel):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0, description="Worker-group restarts Ray Train may do.")
     max_minutes: float | None = Field(
-        None, gt=0, description="Wall-clock budget: one process stops at the first step past it, "
+        None, gt=0, description="Wall-clock budget from the launch (model loading and worker restarts "
+        "count): one process stops at the first step past it, "
         "several ranks at the first log step past it (they agree); checkpoint and export as at "
         "max_steps. For fixed-time jobs on lent machines.")
     shuffle_buffer: int = Field(256, ge=0, description="Local shuffle buffer (rows); 0: no shuffle.")

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +104,10 @@ def launch(config: TrainConfig, settings: Settings | None = None,
     _write_run_config(config, run_uri, options)
     ext_dir = str(settings.torch_extensions_dir) if settings.torch_extensions_dir else \
         os.environ.get("TORCH_EXTENSIONS_DIR")
+    max_minutes = config.train.max_minutes
     payload = Payload(config=config.model_dump(mode="json"), run_uri=run_uri, storage=options,
-                      torch_extensions_dir=ext_dir)
+                      torch_extensions_dir=ext_dir,
+                      deadline=time.time() + max_minutes * 60 if max_minutes else None)
     log.info("run %s: %s launcher, objective %s, %d steps", run_uri, config.launcher,
              config.objective_name(), config.train.max_steps)
     if config.launcher == "local":

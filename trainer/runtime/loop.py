@@ -43,6 +43,9 @@ class Payload:
     run_uri: str
     storage: StorageOptions | None
     torch_extensions_dir: str | None = None
+    # train.max_minutes as a wall-clock time (time.time()) fixed at launch, so a worker group that
+    # Ray restarts after a failure keeps the run's budget instead of starting a fresh one.
+    deadline: float | None = None
 
 
 class WorkerContext(Protocol):
@@ -235,7 +238,7 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
     window: dict[str, list[float]] = {}
     window_start, window_steps = time.monotonic(), 0
     last: dict[str, Any] = {"step": position.step}
-    deadline = time.monotonic() + train.max_minutes * 60 if train.max_minutes else None
+    deadline = _monotonic_deadline(payload.deadline)
     try:
         while state.step < train.max_steps:
             rows = next(stream)
@@ -301,6 +304,13 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
     if train.export:
         last["final_uri"] = _export(objective, state, handles, payload, work_dir)
     return last
+
+
+def _monotonic_deadline(wall_deadline: float | None) -> float | None:
+    """The launch's wall-clock deadline on this process's monotonic clock (immune to clock steps)."""
+    if wall_deadline is None:
+        return None
+    return time.monotonic() + (wall_deadline - time.time())
 
 
 def window_values(window: dict[str, list[float]], snapshot_prefixes: tuple[str, ...]) -> dict[str, float]:
