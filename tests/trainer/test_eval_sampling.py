@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from trainer.evaluate.sampling import case_noise, count_calls, image_stats, make_grid
-from trainer.objectives.dmd_validation import pick_cases
+from trainer.objectives.dmd_validation import _rank_share, merge_scored, pick_cases
 
 
 def test_count_calls_counts_samples_per_forward_pass():
@@ -44,6 +44,25 @@ def test_validation_cases_are_split_evenly_over_ranks():
     assert [len(s) for s in shares] == [2, 2]  # 3 cases padded to 4
     assert {c.category for s in shares for c in s} == {"portrait", "landscape", "text"}
     assert len(pick_cases("editing-bench-mini", 2, 0, 1)) == 12
+
+
+def test_padded_repeats_are_marked_so_each_case_is_scored_once():
+    shares = [_rank_share("t2i-bench-mini", 1, rank, 2) for rank in range(2)]
+    positions = [i for share in shares for _, i in share]
+    assert sorted(p for p in positions if p is not None) == [0, 1, 2] and positions.count(None) == 1
+    assert all(i is not None for _, i in _rank_share("t2i-bench-mini", 1, 0, 1))
+
+
+def test_merged_scores_count_each_case_once_whatever_the_split():
+    # Three cases over two ranks: rank 0 scored two, rank 1 one (its pad is not a record).
+    parts = [[(0, "t2i", "portrait", 1.0), (2, "t2i", "text", 2.0)], [(1, "t2i", "landscape", 5.0)]]
+    merged = merge_scored(parts)
+    assert merged["val_score"] == pytest.approx(8 / 3)  # a mean of rank means would say 3.25
+    assert merged == merge_scored([parts[1], parts[0]])
+    assert {k: merged[k] for k in ("val_score_portrait", "val_score_landscape")} == \
+        {"val_score_portrait": 1.0, "val_score_landscape": 5.0}
+    both = merge_scored([[(0, "t2i", "text", 2.0), (1, "edit", "edit_text", 4.0), (2, "edit", "edit_text", 2.0)]])
+    assert both["val_score_t2i"] == 2.0 and both["val_score_edit"] == 3.0 and both["val_score"] == pytest.approx(8 / 3)
 
 
 def test_grid_shape():
