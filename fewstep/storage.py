@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import posixpath
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -170,6 +171,42 @@ def upload_file_atomic(local_path: str | os.PathLike, uri: str, options: Storage
         fs.copy(tmp, path)
     finally:
         fs.rm(tmp)
+
+
+def publish_dir(local: str | os.PathLike, uri: str, options: StorageOptions | None = None,
+                markers: tuple[str, ...] = ("model_index.json",)) -> None:
+    """Replace the directory at ``uri`` with a local one, so that no reader loads a mix or a part.
+
+    Locally the copy is staged beside the target and swapped in with renames. S3 has no rename, so
+    the top-level ``markers`` (a diffusers pipeline loads only when ``model_index.json`` is there)
+    are removed first and written last: while the upload runs, or after it fails, the directory
+    reads as absent rather than as a half-written or mixed model.
+    """
+    local = Path(local)
+    if not is_s3(uri):
+        target = Path(normalize(uri))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex}")
+        try:
+            shutil.copytree(local, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        retired = target.with_name(f".tmp-old-{target.name}-{uuid.uuid4().hex}")
+        if target.exists():
+            os.replace(target, retired)
+        os.replace(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+        return
+    fs, path = resolve(uri, options)
+    path = path.rstrip("/")
+    for name in markers:
+        delete(join(uri, name), options)
+    delete(uri, options, recursive=True)
+    files = sorted(p for p in local.rglob("*") if not p.is_dir())
+    last = [local / name for name in markers if (local / name) in files]
+    for file in [f for f in files if f not in last] + last:
+        fs.put_file(str(file), posixpath.join(path, file.relative_to(local).as_posix()))
 
 
 def download_dir(uri: str, local_dir: str | os.PathLike, options: StorageOptions | None = None) -> Path:

@@ -96,6 +96,46 @@ def test_reader_never_sees_half_written_manifest(root):
     assert all(".tmp-" not in f for f in storage.list_files(base, options=options))
 
 
+def _pipeline_dir(folder, version: str, extra: str | None = None):
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"version": version}))
+    (folder / "transformer" / "weights.bin").write_text(version)
+    if extra:
+        (folder / extra).write_text(version)
+    return folder
+
+
+def test_publish_dir_replaces_a_model_directory_whole(root, tmp_path):
+    base, options = root
+    target = storage.join(base, "run", "final")
+    storage.publish_dir(_pipeline_dir(tmp_path / "v1", "v1", extra="stale.txt"), target, options)
+    storage.publish_dir(_pipeline_dir(tmp_path / "v2", "v2"), target, options)
+    names = sorted(f.removeprefix(target).lstrip("/") for f in storage.list_files(target, options=options))
+    assert names == ["model_index.json", "transformer/weights.bin"]  # v1's extra file is gone
+    assert storage.read_json(storage.join(target, "model_index.json"), options) == {"version": "v2"}
+    assert storage.read_bytes(storage.join(target, "transformer", "weights.bin"), options) == b"v2"
+
+
+def test_a_failed_publish_never_leaves_a_loadable_mix(root, tmp_path):
+    """A publish that fails part-way leaves either the old model whole (local: the swap never
+    happened) or no model_index.json (S3: it is removed first and written last), never a
+    directory a loader would take for a complete model with some old and some new parts."""
+    base, options = root
+    target = storage.join(base, "run", "final")
+    storage.publish_dir(_pipeline_dir(tmp_path / "v1", "v1"), target, options)
+    broken = _pipeline_dir(tmp_path / "v2", "v2")
+    (broken / "transformer" / "missing.bin").symlink_to(tmp_path / "nowhere")  # unreadable mid-upload
+    with pytest.raises(OSError):
+        storage.publish_dir(broken, target, options)
+    index = storage.join(target, "model_index.json")
+    if storage.is_s3(target):
+        assert not storage.exists(index, options)
+    else:
+        assert storage.read_json(index, options) == {"version": "v1"}
+        assert storage.read_bytes(storage.join(target, "transformer", "weights.bin"), options) == b"v1"
+        assert [p.name for p in (tmp_path / "store" / "run").iterdir()] == ["final"]  # no staging left
+
+
 def test_normalize_and_join(tmp_path):
     assert storage.normalize(f"file://{tmp_path}") == str(tmp_path)
     assert storage.join("s3://b/k/", "x", "y.json") == "s3://b/k/x/y.json"

@@ -160,26 +160,10 @@ def _export(objective, state: TrainState, handles: dict, payload: Payload, work_
                 shutil.rmtree(out)
             objective.export(state, out)
             if out.exists():
-                _publish_dir(out, final_uri, payload.storage)
+                storage.publish_dir(out, final_uri, payload.storage)
                 log.info("exported %s", final_uri)
     _barrier(state.world_size)
     return final_uri
-
-
-def _publish_dir(local: Path, uri: str, options: StorageOptions | None) -> None:
-    if storage.is_s3(uri):
-        storage.delete(uri, options, recursive=True)
-        fs, path = storage.resolve(uri, options)
-        fs.put(str(local).rstrip("/") + "/", path, recursive=True)
-        return
-    target = Path(uri)
-    staging = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    shutil.copytree(local, staging)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
 
 
 def run_worker(payload: Payload, ctx: WorkerContext) -> dict[str, Any]:
