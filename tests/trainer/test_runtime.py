@@ -240,6 +240,35 @@ def test_a_restarted_worker_keeps_the_budget_the_run_was_launched_with(world, tm
     assert [r["step"] for r in read_metrics(str(tmp_path / "late"))] == [1]
 
 
+def test_a_relaunch_resumes_records_what_changed_and_refuses_another_objective(world, tmp_path):
+    """Launching a run name again resumes it; the run folder keeps what each launch changed, and
+    checkpoints of one objective are never handed to another."""
+    from trainer.runtime.config import TrainConfig
+    from trainer.runtime.launch import CHECKPOINTS_NAME, launch
+    from trainer.runtime.run_record import read_launches, record_launch
+
+    raw = _raw(world, str(tmp_path), "again", max_steps=4, checkpoint_every=2, export=False)
+    raw.update(launcher="local", device="cpu")
+    raw["deepspeed"]["enabled"] = False
+    launch(TrainConfig.model_validate(raw))
+    longer = copy.deepcopy(raw)
+    longer["train"]["max_steps"] = 6
+    longer["objective"]["optimizer"]["lr"] = 1e-3
+    result = launch(TrainConfig.model_validate(longer))
+    assert result.metrics["resumed_from"] == 4 and result.metrics["step"] == 6
+
+    run = str(tmp_path / "again")
+    launches = read_launches(run)
+    assert [entry["resumes"] for entry in launches] == [False, True]
+    assert launches[1]["changed"] == {"train.max_steps": [4, 6], "objective.optimizer.lr": [2e-3, 1e-3]}
+
+    other = TrainConfig.model_validate(longer).model_dump(mode="json")
+    other["objective"] = {"name": "vae"}
+    with pytest.raises(ConfigError, match=r"run.name: 'again' .* holds checkpoints of a 'flow_matching' run"):
+        record_launch(other, run, storage.join(run, CHECKPOINTS_NAME), None)
+    assert len(read_launches(run)) == 2  # the refused launch left the folder as it was
+
+
 def test_zero3_trains_like_zero2_from_the_saved_weights(world, tmp_path):
     """Under ZeRO-3 the transformer is built partitioned (zero.Init), its saved tensors streamed in,
     and the fp32 master partitions alias the weights: training must match ZeRO-2 step for step."""

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from fewstep import storage
 from fewstep.settings import Settings, get_settings
@@ -33,6 +32,7 @@ from trainer.runtime.config import TrainConfig
 from trainer.runtime.data import DataSource, EpochCache, LocalReader, open_source, ray_dataset
 from trainer.runtime.loop import FINAL_NAME, Payload, run_worker
 from trainer.runtime.metrics import MetricsFollower
+from trainer.runtime.run_record import record_launch
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,6 @@ def _data_source(config: TrainConfig, options: StorageOptions | None) -> DataSou
     return open_source(config.data, cls.data_kind, cls.columns, options)
 
 
-def _write_run_config(config: TrainConfig, run_uri: str, options: StorageOptions | None) -> None:
-    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    storage.makedirs(run_uri, options)
-    storage.write_bytes_atomic(storage.join(run_uri, "config.yaml"), text.encode(), options)
-
-
 def resolve_paths(config: TrainConfig) -> TrainConfig:
     """Validate the objective section and make paths absolute on the driver.
 
@@ -101,7 +95,7 @@ def launch(config: TrainConfig, settings: Settings | None = None,
     options = options if options is not None else settings.storage_options()
     config = resolve_paths(config)
     run_uri = config.run_uri(settings.runs_dir)
-    _write_run_config(config, run_uri, options)
+    record_launch(config.model_dump(mode="json"), run_uri, storage.join(run_uri, CHECKPOINTS_NAME), options)
     ext_dir = str(settings.torch_extensions_dir) if settings.torch_extensions_dir else \
         os.environ.get("TORCH_EXTENSIONS_DIR")
     max_minutes = config.train.max_minutes
