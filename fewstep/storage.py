@@ -107,6 +107,46 @@ def exists(uri: str, options: StorageOptions | None = None) -> bool:
     return bool(fs.exists(path))
 
 
+class StorageError(OSError):
+    """A store that cannot be used as asked; the message names the URI and the fix."""
+
+
+def check_reachable(uri: str, options: StorageOptions | None = None, what: str = "path") -> bool:
+    """Whether ``uri`` exists; a store that cannot be asked at all (no endpoint, no credentials,
+    no bucket) is a StorageError naming ``what`` instead of a client library's traceback."""
+    try:
+        if not is_s3(uri):
+            return exists(uri, options)
+        fs, path = resolve(uri, options)
+        # Not fs.exists: s3fs answers False for an endpoint it cannot reach or missing credentials.
+        if "/" in path:
+            fs.info(path)
+        else:  # a bare bucket
+            fs.ls(path)
+        return True
+    except FileNotFoundError:
+        return False
+    except Exception as exc:  # botocore's endpoint and credential errors share no base class
+        raise StorageError(f"{what}: cannot reach {uri} ({type(exc).__name__}: {exc}); check the "
+                           "path, the S3 endpoint and the FEWSTEP_/AWS_ credentials") from None
+
+
+def check_output_dir(uri: str, options: StorageOptions | None = None, what: str = "output") -> None:
+    """Refuse an output folder that cannot be written before any work: a local path that is a
+    file, or an S3 bucket that does not exist (S3 creates prefixes, never buckets)."""
+    uri = normalize(uri)
+    if not is_s3(uri):
+        path = Path(uri)
+        blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise StorageError(f"{what}: {blocker} is a file, not a folder; pick another {what}")
+        return
+    bucket = _strip(uri).split("/", 1)[0]
+    if not check_reachable(f"s3://{bucket}", options, what):
+        raise StorageError(f"{what}: bucket s3://{bucket} does not exist; create it first "
+                           "(S3 folders are made by writing, buckets are not)")
+
+
 def makedirs(uri: str, options: StorageOptions | None = None) -> None:
     if is_s3(uri):
         return  # S3 has no directories; keys create their prefixes.

@@ -49,7 +49,7 @@ def _message(exc: Exception) -> str:
     return f"{type(exc).__name__}: {_OBJECT_REPR.sub('<bytes>', str(exc))}"
 
 
-def _looks_truncated(data: bytes) -> bool:
+def looks_truncated(data: bytes) -> bool:
     """Structural end-of-data checks for the common formats (used only once decoding failed)."""
     if data.startswith(b"\x89PNG"):
         return not data.rstrip(b"\x00").endswith(b"IEND\xaeB`\x82")
@@ -60,7 +60,7 @@ def _looks_truncated(data: bytes) -> bool:
     return False
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(img)
         if img.mode.startswith("I;16"):
@@ -142,7 +142,7 @@ def decode_image(data: bytes | None, limits: ImageFilterConfig) -> Decoded:
     except Image.DecompressionBombError as exc:
         raise ImageReject("too_many_pixels", str(exc)) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        reason = "image_truncated" if _looks_truncated(data) else "image_undecodable"
+        reason = "image_truncated" if looks_truncated(data) else "image_undecodable"
         raise ImageReject(reason, _message(exc)) from None
     width, height = img.size
     if width * height > limits.max_pixels:
@@ -159,11 +159,11 @@ def decode_image(data: bytes | None, limits: ImageFilterConfig) -> Decoded:
             warnings.simplefilter("ignore")
             img.load()
             img = ImageOps.exif_transpose(img) or img
-            rgb = _to_rgb(img)
+            rgb = to_rgb(img)
     except Image.DecompressionBombError as exc:
         raise ImageReject("too_many_pixels", str(exc)) from None
     except (OSError, ValueError, SyntaxError, struct.error, EOFError) as exc:
-        truncated = "truncat" in str(exc).lower() or _looks_truncated(data)
+        truncated = "truncat" in str(exc).lower() or looks_truncated(data)
         raise ImageReject("image_truncated" if truncated else "image_undecodable", _message(exc)) from None
     pixels = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
     sha = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + pixels.tobytes()).hexdigest()

@@ -15,8 +15,12 @@ _HELP = (
     "The text encoder and the VAE run as Ray Data actor pools; size them in the config "
     "(text_encoder.pool_size, batch_size, num_cpus, num_gpus; the same for vae).\n\n"
     "Rerunning the same command after a crash or a kill resumes: finished shards are kept, the rest "
-    "are made again, and the result is byte-identical to an uninterrupted run. A finished output is "
-    "left as it is.\n\n"
+    "are made again, and the result is byte-identical to an uninterrupted run (resume with the same "
+    "torch_threads: CPU results depend on them in the last bits; the run warns if they changed). A "
+    "finished output is left as it is.\n\n"
+    "A row with a null or blank id, task, category or prompt, or an image that cannot be encoded, is "
+    "a reject with its reason and curated part; a curated set with columns of the wrong type, parts "
+    "changed since curate wrote them, or an unusable teacher or output is refused before any work.\n\n"
     "Example: fewstep precompute --config configs/precompute/default.yaml --teacher runs/teacher "
     "--input runs/curated --output runs/shards --set rows_per_shard=128"
 )
@@ -33,7 +37,8 @@ def _config_path(value: str) -> Path:
     for candidate in (_REPO_CONFIGS / f"{value}.yaml", _REPO_CONFIGS / path.name):
         if candidate.exists():
             return candidate
-    return path  # load_config says it is missing
+    presets = ", ".join(sorted(p.stem for p in _REPO_CONFIGS.glob("*.yaml")))
+    raise typer.BadParameter(f"{value}: no such config file, nor a preset ({presets})", param_hint="--config")
 
 
 def _parse_sets(values: list[str]) -> dict:
@@ -63,6 +68,7 @@ def register(app: typer.Typer) -> None:
         from fewstep.config import ConfigError
         from fewstep.contract import ContractError
         from fewstep.settings import get_settings
+        from fewstep.storage import StorageError
         from pipelines.precompute.config import load_precompute_config
         from pipelines.precompute.plan import PrecomputeError
         from pipelines.precompute.run import run_precompute
@@ -74,7 +80,7 @@ def register(app: typer.Typer) -> None:
                                       ray_address=ray_address or settings.ray_address,
                                       ray_num_cpus=settings.ray_num_cpus, overwrite=overwrite,
                                       show_progress=not quiet)
-        except (ConfigError, ContractError, PrecomputeError) as exc:
+        except (ConfigError, ContractError, PrecomputeError, StorageError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         typer.echo(f"wrote {len(manifest['shards'])} shards, {manifest['totals']['rows']} rows "

@@ -27,7 +27,9 @@ class PoolConfig(StrictModel):
         "read and write tasks still get scheduled (a pool that takes every CPU deadlocks).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; > 0 runs the model on CUDA.")
     torch_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads per actor (default: Ray's OMP_NUM_THREADS).")
+        None, ge=1, description="torch intra-op threads per actor (default: num_cpus rounded down, at "
+        "least 1). CPU results depend on it in the last bits, so it is set the same under both "
+        "executors, and the run records it: resume with the same value for the same bytes.")
 
 
 class IoConfig(StrictModel):
@@ -60,7 +62,8 @@ class PrecomputeConfig(StrictModel):
         "cluster); lets precompute share a cluster, and models a small machine on a big one.")
     executor: Literal["ray", "local"] = Field(
         "ray", description="ray: Ray Data actor pools; local: the same operators in this process, "
-        "one shard at a time (a single GPU box without Ray, debugging). Same output bytes.")
+        "one shard at a time (a single GPU box without Ray, debugging). Same output bytes (same "
+        "torch_threads).")
     fuse_encoders: bool = Field(
         False, description="Run the VAE inside the text encoder's actors (one pool; text_encoder's "
         "pool_size, num_cpus, num_gpus and torch_threads apply, vae's batch_size only). Faster on "

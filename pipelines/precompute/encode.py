@@ -67,11 +67,15 @@ def load_shard(batch: pa.Table, input_uri: str, options: StorageOptions | None,
         if plan.index == EMPTY_SHARD:
             table = pa.table({"id": [EMPTY_PROMPT_ID], "task": ["t2i"], "category": [""],
                               "prompt": [negative_prompt], "image": pa.array([None], pa.binary()),
-                              "source_image": pa.array([None], pa.binary())})
+                              "source_image": pa.array([None], pa.binary()),
+                              "_input": pa.array([None], pa.string())})
         else:
-            table = pa.concat_tables(
-                [read_row_range(fs, r.path, r.start, r.stop, _CURATED_COLUMNS).cast(
-                    _curated_subschema()) for r in plan.ranges])
+            parts = [read_row_range(fs, r.path, r.start, r.stop, _CURATED_COLUMNS).cast(_curated_subschema())
+                     for r in plan.ranges]
+            # Which curated part each row came from, for its reject record.
+            origin = [_part_uri(input_uri, r.path) for r, part in zip(plan.ranges, parts)
+                      for _ in range(part.num_rows)]
+            table = pa.concat_tables(parts).append_column("_input", pa.array(origin, pa.string()))
         if table.num_rows != plan.rows:
             raise RuntimeError(f"shard {plan.index}: read {table.num_rows} rows, planned {plan.rows}; "
                                "the curated input changed during the run")
@@ -79,34 +83,43 @@ def load_shard(batch: pa.Table, input_uri: str, options: StorageOptions | None,
         table = table.append_column("_shard", pa.array([plan.index] * n, pa.int32()))
         table = table.append_column("_pos", pa.array(range(n), pa.int32()))
         table = table.append_column("_expected", pa.array([plan.rows] * n, pa.int32()))
-        reasons, details = _check_rows(table)
+        # The empty-prompt item encodes the negative prompt, which may well be blank.
+        reasons, details = ([None], [None]) if plan.index == EMPTY_SHARD else _check_rows(table)
         table = table.append_column("_reject", pa.array(reasons, pa.string()))
         table = table.append_column("_detail", pa.array(details, pa.string()))
         tables.append(table)
     return pa.concat_tables(tables)
 
 
+def _part_uri(input_uri: str, path: str) -> str:
+    return f"s3://{path}" if storage.is_s3(input_uri) else path
+
+
 def _curated_subschema() -> pa.Schema:
-    return pa.schema([contract.CURATED_SCHEMA.field(n) for n in _CURATED_COLUMNS])
+    """The curated columns precompute reads, all nullable: a null in a required field must reach
+    ``_check_rows`` as one reject, not fail the cast of the whole shard (column types were
+    checked when the run was planned)."""
+    return pa.schema([contract.CURATED_SCHEMA.field(n).with_nullable(True) for n in _CURATED_COLUMNS])
 
 
 def _check_rows(table: pa.Table) -> tuple[list[str | None], list[str | None]]:
     reasons: list[str | None] = []
     details: list[str | None] = []
-    for task, prompt, source in zip(table.column("task").to_pylist(), table.column("prompt").to_pylist(),
-                                    table.column("source_image").is_null().to_pylist()):
-        if task not in contract.TASKS:
-            reasons.append("schema")
-            details.append(f"task {task!r} is not one of {contract.TASKS}")
-        elif task == "edit" and source:
-            reasons.append("missing_field")
-            details.append("edit row without source_image")
-        elif prompt is None:
-            reasons.append("prompt_empty")
-            details.append("no prompt")
-        else:
-            reasons.append(None)
-            details.append(None)
+    columns = [table.column(n).to_pylist() for n in ("id", "task", "category", "prompt")]
+    for rid, task, category, prompt, no_source in zip(*columns, table.column("source_image").is_null().to_pylist()):
+        reason, detail = None, None
+        if rid is None or not rid.strip():
+            reason, detail = "missing_field", "id is null or empty"
+        elif task not in contract.TASKS:
+            reason, detail = "schema", f"task {task!r} is not one of {contract.TASKS}"
+        elif category is None or not category.strip():
+            reason, detail = "missing_field", "category is null or empty"
+        elif task == "edit" and no_source:
+            reason, detail = "missing_field", "edit row without source_image"
+        elif prompt is None or not prompt.strip():
+            reason, detail = "prompt_empty", "no prompt" if prompt is None else "prompt is blank"
+        reasons.append(reason)
+        details.append(detail)
     return reasons, details
 
 
@@ -114,16 +127,25 @@ def _check_rows(table: pa.Table) -> tuple[list[str | None], list[str | None]]:
 # Images
 # ---------------------------------------------------------------------------
 
+class ImageTooSmall(ValueError):
+    """An image smaller than the VAE can encode at its own size."""
+
+
 def decode_image(data: bytes, size: int | None, multiple: int = 1):
-    """PNG/JPEG bytes -> RGB PIL image, resized to ``size`` x ``size`` if given, else with each
-    side rounded down to a multiple of ``multiple`` (at least one multiple)."""
+    """PNG/JPEG bytes -> RGB PIL image (converted as curate converts: alpha on white, 16-bit
+    scaled), resized to ``size`` x ``size`` if given, else with each side rounded down to a
+    multiple of ``multiple``; at its own size, a side below ``multiple`` raises ImageTooSmall."""
     from PIL import Image
+
+    from pipelines.curate.decode import to_rgb
 
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        rgb = img.convert("RGB")
-    target = (size, size) if size is not None else tuple(
-        max(multiple, side // multiple * multiple) for side in rgb.size)
+        rgb = to_rgb(img)
+    if size is None and min(rgb.size) < multiple:
+        raise ImageTooSmall(f"{rgb.width}x{rgb.height}, a side below {multiple} px (the VAE factor "
+                            "x 2x2 packing); set resolution to resize every image")
+    target = (size, size) if size is not None else tuple(side // multiple * multiple for side in rgb.size)
     if rgb.size != target:
         rgb = rgb.resize(target, Image.Resampling.BICUBIC)
     return rgb
@@ -131,6 +153,8 @@ def decode_image(data: bytes, size: int | None, multiple: int = 1):
 
 def _decode_or_reject(table: pa.Table, column: str, size: int | None, reasons: list, details: list,
                       multiple: int = 1):
+    from pipelines.curate.decode import looks_truncated
+
     images = [None] * table.num_rows
     for i, data in enumerate(table.column(column).to_pylist()):
         if data is None or reasons[i] is not None:
@@ -140,16 +164,34 @@ def _decode_or_reject(table: pa.Table, column: str, size: int | None, reasons: l
             continue
         try:
             images[i] = decode_image(data, size, multiple)
+        except ImageTooSmall as exc:
+            reasons[i], details[i] = "image_too_small", f"{column}: {exc}"
         except Exception as exc:  # any decoder failure is a reject, never a crash
             # No object addresses in the detail: reruns must write the same reject bytes.
             message = re.sub(r"<[^>]* at 0x[0-9a-fA-F]+>", "<data>", str(exc))
-            reasons[i], details[i] = "image_undecodable", f"{column}: {type(exc).__name__}: {message}"
+            truncated = "truncat" in message.lower() or looks_truncated(data)
+            reasons[i] = "image_truncated" if truncated else "image_undecodable"
+            details[i] = f"{column}: {type(exc).__name__}: {message}"
     return images
 
 
 # ---------------------------------------------------------------------------
 # Actors
 # ---------------------------------------------------------------------------
+
+def pool_threads(pool) -> int:
+    """torch threads of one actor of ``pool``: ``torch_threads``, else its whole CPUs (at least 1).
+
+    Set explicitly under both executors: CPU float results depend on the thread count, so a run
+    made by Ray actors and one made in-process (or resumed the other way) write the same bytes.
+    """
+    return pool.torch_threads or max(1, int(pool.num_cpus))
+
+
+def actor_args(cfg, pool, teacher: str, options: StorageOptions | None) -> tuple:
+    """The constructor arguments of one pool's actors, the same for the Ray and local executors."""
+    return (teacher, options, cfg.model_dtype, cfg.dtype, pool.num_gpus, pool_threads(pool))
+
 
 class _ModelActor:
     components: tuple[str, ...] = ()

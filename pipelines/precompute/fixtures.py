@@ -77,14 +77,16 @@ def curated_rows(n_t2i: int, n_edit: int, resolution: int = 32) -> list[dict]:
     return rows
 
 
-def write_curated(output: str, rows: list[dict], parts: int = 2, options: StorageOptions | None = None) -> dict:
-    """Write ``rows`` as a curate output folder (parts in order, manifest last); returns the manifest."""
+def write_curated(output: str, rows: list[dict], parts: int = 2, options: StorageOptions | None = None,
+                  schema: pa.Schema = contract.CURATED_SCHEMA) -> dict:
+    """Write ``rows`` as a curate output folder (parts in order, manifest last); returns the manifest.
+    ``schema``: another one writes the malformed sets that precompute must refuse or reject."""
     output = storage.normalize(output)
     entries = []
     per_part = max(1, -(-len(rows) // parts))
     for k in range(parts):
         chunk = rows[k * per_part:(k + 1) * per_part]
-        table = pa.Table.from_pylist(chunk, schema=contract.CURATED_SCHEMA)
+        table = pa.Table.from_pylist(chunk, schema=schema)
         sink = io.BytesIO()
         pq.write_table(table, sink, row_group_size=8)
         data = sink.getvalue()

@@ -23,7 +23,7 @@ def execute_local(cfg: PrecomputeConfig, todo: list[ShardPlan], teacher: str, in
     from tqdm import tqdm
 
     def actor_args(pool) -> tuple:
-        return (teacher, options, cfg.model_dtype, cfg.dtype, pool.num_gpus, pool.torch_threads)
+        return encode.actor_args(cfg, pool, teacher, options)
 
     text = encode.TextEncodeActor(*actor_args(cfg.text_encoder), batch_size=cfg.text_encoder.batch_size,
                                   negative_prompt=cfg.negative_prompt,

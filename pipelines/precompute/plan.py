@@ -15,6 +15,7 @@ import json
 import posixpath
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fewstep import contract, storage
@@ -27,6 +28,7 @@ EMPTY_PROMPT_ID = "__empty__"
 EMPTY_SHARD = -1  # the plan index of the empty-prompt item
 
 _CONFIG_SUFFIXES = (".json", ".txt", ".model", ".yaml", ".jinja")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 class PrecomputeError(RuntimeError):
@@ -84,23 +86,34 @@ def read_curated_input(uri: str, options: StorageOptions | None = None) -> Input
             f"no {contract.MANIFEST_NAME} at {root}: --input must be the output folder of a finished "
             "`fewstep curate` run (the manifest is written last, so a missing one means the run "
             "has not finished)")
-    manifest = contract.check_manifest(storage.read_json(manifest_uri, options), expected_kind="curated")
+    try:
+        raw_manifest = storage.read_json(manifest_uri, options)
+    except ValueError as exc:
+        raise PrecomputeError(f"{manifest_uri} is not valid JSON ({exc}); re-run curate") from None
+    manifest = contract.check_manifest(raw_manifest, expected_kind="curated")
     fs, _ = storage.pyarrow_filesystem(root, options)
     parts: list[tuple[str, int]] = []
     digest = hashlib.sha256()
     has_images = False
     seen_ids: set[str] = set()
     for entry in manifest["shards"]:
-        part_uri = storage.join(root, entry["path"])
+        rel = str(entry["path"])
+        if rel.startswith("/") or ".." in rel.replace("\\", "/").split("/"):
+            raise PrecomputeError(f"{manifest_uri}: part path {rel!r} leaves the curated folder; a "
+                                  "manifest lists its parts relative to its own folder (re-run curate)")
+        part_uri = storage.join(root, rel)
         _, path = storage.pyarrow_filesystem(part_uri, options)
         try:
-            pf = pq.ParquetFile(fs.open_input_file(path))
-        except (OSError, FileNotFoundError) as exc:
+            handle = fs.open_input_file(path)
+            size = handle.size()
+            if entry.get("bytes") is not None and size != entry["bytes"]:
+                raise PrecomputeError(f"{part_uri}: {size} bytes but the manifest says {entry['bytes']}; "
+                                      "the curated output was modified after curate wrote it, re-run curate")
+            pf = pq.ParquetFile(handle)
+        except (OSError, pa.ArrowException) as exc:
             raise PrecomputeError(f"curated part {part_uri} listed in the manifest cannot be "
                                   f"opened ({exc}); re-run curate") from None
-        missing = {"id", "task", "prompt", "category", "image", "source_image"} - set(pf.schema_arrow.names)
-        if missing:
-            raise PrecomputeError(f"{part_uri}: not a curated part (missing columns {sorted(missing)})")
+        _check_column_types(pf.schema_arrow, part_uri)
         rows = pf.metadata.num_rows
         if rows != entry["rows"]:
             raise PrecomputeError(f"{part_uri}: {rows} rows but the manifest says {entry['rows']}; "
@@ -114,6 +127,28 @@ def read_curated_input(uri: str, options: StorageOptions | None = None) -> Input
         parts.append((path, rows))
         digest.update(f"{entry['path']}\t{entry['rows']}\t{entry['sha256']}\n".encode())
     return InputInfo(root, parts, digest.hexdigest(), sum(r for _, r in parts), has_images)
+
+
+_TEXT_TYPES = (pa.string(), pa.large_string(), pa.null())
+_BYTES_TYPES = (pa.binary(), pa.large_binary(), pa.null())
+
+
+def _check_column_types(schema: pa.Schema, part_uri: str) -> None:
+    """The curated columns precompute reads must have the curated types: a cast would turn an
+    integer prompt into the text "0", and image paths into undecodable bytes on every row."""
+    missing = {"id", "task", "prompt", "category", "image", "source_image"} - set(schema.names)
+    if missing:
+        raise PrecomputeError(f"{part_uri}: not a curated part (missing columns {sorted(missing)})")
+    for name in ("id", "task", "prompt", "category"):
+        if schema.field(name).type not in _TEXT_TYPES:
+            raise PrecomputeError(f"{part_uri}: column {name!r} is {schema.field(name).type}, expected "
+                                  "string; write curated sets with `fewstep curate`")
+    for name in ("image", "source_image"):
+        if schema.field(name).type not in _BYTES_TYPES:
+            hint = (" (file paths? a curated set holds the encoded PNG/JPEG bytes)"
+                    if schema.field(name).type in _TEXT_TYPES else "")
+            raise PrecomputeError(f"{part_uri}: column {name!r} is {schema.field(name).type}, expected "
+                                  f"binary image bytes{hint}; write curated sets with `fewstep curate`")
 
 
 def _may_have_values(pf: pq.ParquetFile, columns: tuple[str, ...]) -> bool:
@@ -151,6 +186,10 @@ def plan_shards(info: InputInfo, rows_per_shard: int) -> list[ShardPlan]:
 def teacher_identity(uri: str, options: StorageOptions | None, checksum_max_bytes: int) -> dict:
     """Hash of the teacher directory: configs by content, weights by size (and checksum if small)."""
     root = storage.normalize(uri)
+    fs, path = storage.resolve(root, options)
+    if fs.isfile(path):
+        raise PrecomputeError(f"--teacher {root} is a file; pass the pipeline directory (the folder "
+                              "that holds model_index.json)")
     files = storage.list_files(root, options=options)
     if not files:
         raise PrecomputeError(f"teacher {root}: no files there; pass a pipeline directory made by "
@@ -169,6 +208,10 @@ def teacher_identity(uri: str, options: StorageOptions | None, checksum_max_byte
     if not any(e[0] == "model_index.json" for e in entries):
         raise PrecomputeError(f"teacher {root}: no model_index.json; expected a diffusers pipeline "
                               "directory (transformer/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    for component in ("text_encoder", "vae"):  # what precompute runs; the transformer is not needed
+        if not any(e[0].startswith(f"{component}/") and e[0].endswith(_WEIGHT_SUFFIXES) for e in entries):
+            raise PrecomputeError(f"teacher {root}: no weights in {component}/ (*.safetensors or *.bin); "
+                                  "precompute runs the teacher's text encoder and VAE")
     text = json.dumps(sorted(entries), separators=(",", ":"))
     return {"uri": root, "sha256": hashlib.sha256(text.encode()).hexdigest(),
             "files": len(entries), "bytes": total}

@@ -58,12 +58,18 @@ def run_precompute(config: PrecomputeConfig | dict | str | None, teacher: str, i
     teacher, input, output = (_norm(teacher), _norm(input), _norm(output))
     if output == input:
         raise PrecomputeError(f"--output {output} is the curate folder itself; pick another folder")
+    _check_devices(cfg)
+    stg.check_reachable(input, options, "--input")
+    stg.check_reachable(teacher, options, "--teacher")
+    stg.check_output_dir(output, options, "--output")
     info = read_curated_input(input, options)
+    if info.rows == 0:
+        log.warning("precompute: the curated input %s has no rows; the output will hold none", input)
     teacher_id = teacher_identity(teacher, options, cfg.teacher_checksum_max_bytes)
     pid = plan_id(cfg.identity_hash(), teacher_id, info)
     manifest_uri = stg.join(output, contract.MANIFEST_NAME)
 
-    state = _prepare_output(output, options, pid, overwrite)
+    state = _prepare_output(output, options, pid, overwrite, _identity(cfg, teacher_id, info))
     if state.get("manifest") is not None:
         log.info("precompute: %s is already complete (plan %s); nothing to do", output, pid)
         return state["manifest"]
@@ -71,6 +77,7 @@ def run_precompute(config: PrecomputeConfig | dict | str | None, teacher: str, i
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
     plan_record = state.get("plan") or _write_plan(output, options, pid, cfg, teacher, teacher_id, info)
+    _warn_if_threads_changed(plan_record, cfg)
 
     shards = plan_shards(info, cfg.rows_per_shard)
     items = [ShardPlan(EMPTY_SHARD, [], 1), *shards]
@@ -98,9 +105,15 @@ def run_precompute(config: PrecomputeConfig | dict | str | None, teacher: str, i
 
     manifest = _manifest(cfg, pid, teacher_id, input, info, plan_record, summaries)
     stg.write_json_atomic(manifest_uri, manifest, options)
+    if info.rows and not manifest["totals"]["rows"]:
+        log.warning("precompute: every one of the %d input rows was rejected (%s); see %s", info.rows,
+                    manifest["totals"].get("rejects"), stg.join(output, "rejects"))
     rows_encoded = sum(summaries[item.name]["rows"] + summaries[item.name]["rejects"] for item in todo
                        if item.index != EMPTY_SHARD)
-    run = {"output": output, "plan_id": pid, "shards_written": len(todo), "shards_skipped": len(done),
+    # Shard counts leave out the empty-prompt item, as the manifest's shard list does.
+    made = sum(1 for item in todo if item.index != EMPTY_SHARD)
+    skipped = sum(1 for name in done if name != EMPTY_PROMPT_NAME)
+    run = {"output": output, "plan_id": pid, "shards_written": made, "shards_skipped": skipped,
            "rows_encoded": rows_encoded, "seconds": time.perf_counter() - started,
            "encode_seconds": encode_seconds,
            "rows_per_s": rows_encoded / encode_seconds if encode_seconds > 0 else 0.0}
@@ -114,7 +127,53 @@ def _norm(uri: str) -> str:
     return stg.normalize(str(uri))
 
 
-def _prepare_output(output: str, options: StorageOptions | None, pid: str, overwrite: bool) -> dict:
+def _check_devices(cfg: PrecomputeConfig) -> None:
+    """The local executor runs in this process: a GPU pool needs a GPU here (Ray checks its own)."""
+    if cfg.executor != "local":
+        return
+    import torch
+
+    for name, pool in (("text_encoder", cfg.text_encoder), ("vae", cfg.vae)):
+        if pool.num_gpus > 0 and not torch.cuda.is_available():
+            raise PrecomputeError(f"{name}.num_gpus: {pool.num_gpus:g} with executor: local, but torch "
+                                  "sees no GPU here; set it to 0 (CPU) or run on a GPU machine")
+
+
+def _identity(cfg: PrecomputeConfig, teacher_id: dict, info) -> dict:
+    return {"config": cfg.identity(), "teacher": teacher_id.get("sha256"), "input": info.content_hash}
+
+
+def _what_differs(record: dict, identity: dict | None) -> str:
+    """Which of config, teacher and input made another plan, from the recorded plan.json."""
+    if not record or identity is None or "config_identity" not in record:
+        return "the config, teacher or input differ"
+    parts = []
+    old_cfg, new_cfg = record.get("config_identity") or {}, identity["config"]
+    keys = [k for k in sorted(old_cfg.keys() | new_cfg.keys()) if old_cfg.get(k) != new_cfg.get(k)]
+    if keys:
+        parts.append("config (" + ", ".join(f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in keys) + ")")
+    if (record.get("teacher") or {}).get("sha256") != identity["teacher"]:
+        parts.append(f"teacher (was {(record.get('teacher') or {}).get('uri')})")
+    if (record.get("input") or {}).get("content_sha256") != identity["input"]:
+        parts.append(f"input (was {(record.get('input') or {}).get('uri')})")
+    return "these differ: " + "; ".join(parts) if parts else "the config, teacher or input differ"
+
+
+def _warn_if_threads_changed(plan_record: dict, cfg: PrecomputeConfig) -> None:
+    recorded = plan_record.get("torch_threads")
+    now = _threads(cfg)
+    if recorded is not None and recorded != now:
+        log.warning("precompute: the shards already made used torch_threads %s, this run uses %s; on "
+                    "CPU the new shards may differ from an uninterrupted run in the last bits (set "
+                    "text_encoder/vae.torch_threads as before for identical bytes)", recorded, now)
+
+
+def _threads(cfg: PrecomputeConfig) -> dict[str, int]:
+    return {"text_encoder": encode.pool_threads(cfg.text_encoder), "vae": encode.pool_threads(cfg.vae)}
+
+
+def _prepare_output(output: str, options: StorageOptions | None, pid: str, overwrite: bool,
+                    identity: dict | None = None) -> dict:
     """What the output already holds: a finished run of this plan, a partial one, or nothing."""
     manifest_uri = stg.join(output, contract.MANIFEST_NAME)
     plan_uri = progress_uri(output, "plan")
@@ -127,8 +186,8 @@ def _prepare_output(output: str, options: StorageOptions | None, pid: str, overw
     if other is not None:
         if not overwrite:
             raise PrecomputeError(
-                f"{output} holds precompute output of another plan ({other}, this one is {pid}: the "
-                "config, teacher or input differ); pick another --output or pass --overwrite")
+                f"{output} holds precompute output of another plan ({other}, this one is {pid}: "
+                f"{_what_differs(plan or {}, identity)}); pick another --output or pass --overwrite")
         log.warning("overwrite: deleting precompute output of plan %s in %s", other, output)
         _clear(output, options)
         return {}
@@ -153,14 +212,19 @@ def _write_plan(output: str, options: StorageOptions | None, pid: str, cfg: Prec
     from fewstep.models.adapter import QwenImageAdapter
 
     # No components: only the configs are read (VAE geometry), no weights are loaded here.
-    vae = QwenImageAdapter.load(teacher, components=(), device="cpu", dtype=torch.float32, storage=options)
+    try:
+        vae = QwenImageAdapter.load(teacher, components=(), device="cpu", dtype=torch.float32,
+                                    storage=options)
+    except (OSError, ValueError) as exc:  # not a pipeline folder, a config that does not parse
+        raise PrecomputeError(f"--teacher {teacher}: {exc}") from None
     multiple = int(vae.vae_scale_factor) * 2
     if cfg.resolution is not None and cfg.resolution % multiple:
         raise PrecomputeError(f"resolution: {cfg.resolution} is not a multiple of {multiple} (this "
                               f"teacher's VAE factor {vae.vae_scale_factor} x 2x2 latent packing)")
     record = {"plan_id": pid, "config_identity": cfg.identity(), "teacher": teacher_id,
               "input": {"uri": info.uri, "content_sha256": info.content_hash, "rows": info.rows},
-              "latent_channels": int(vae.latent_channels), "vae_scale_factor": int(vae.vae_scale_factor)}
+              "latent_channels": int(vae.latent_channels), "vae_scale_factor": int(vae.vae_scale_factor),
+              "torch_threads": _threads(cfg)}
     del vae
     stg.write_json_atomic(progress_uri(output, "plan"), record, options)
     return record
@@ -260,11 +324,7 @@ def _actor_stage(ds, actor_cls, cfg: PrecomputeConfig, pool, teacher: str, optio
         actor_cls, batch_size=None, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=pool.pool_size),
         num_cpus=pool.num_cpus, num_gpus=pool.num_gpus or None,
-        fn_constructor_args=_actor_args(cfg, pool, teacher, options), fn_constructor_kwargs=kwargs)
-
-
-def _actor_args(cfg: PrecomputeConfig, pool, teacher: str, options: StorageOptions | None) -> tuple:
-    return (teacher, options, cfg.model_dtype, cfg.dtype, pool.num_gpus, pool.torch_threads)
+        fn_constructor_args=encode.actor_args(cfg, pool, teacher, options), fn_constructor_kwargs=kwargs)
 
 
 def _sum_counters(summaries: list[dict], key: str) -> dict[str, int]:

@@ -82,7 +82,8 @@ def _write_one(index: int, rows: pa.Table, output: str, options: StorageOptions 
             "stage": pa.array([STAGE] * rejected.num_rows, pa.string()),
             "reason": rejected.column("_reject"),
             "detail": rejected.column("_detail"),
-            "input": pa.array([input_uri] * rejected.num_rows, pa.string()),
+            "input": (rejected.column("_input") if "_input" in rejected.column_names
+                      else pa.array([input_uri] * rejected.num_rows, pa.string())),
         }, schema=contract.REJECT_SCHEMA)
         storage.write_bytes_atomic(storage.join(output, "rejects", f"precompute-{name}"),
                                    shard_parquet_bytes(reject_table, compression, row_group_rows), options)

@@ -136,6 +136,28 @@ def test_a_failed_publish_never_leaves_a_loadable_mix(root, tmp_path):
         assert [p.name for p in (tmp_path / "store" / "run").iterdir()] == ["final"]  # no staging left
 
 
+def test_a_store_that_cannot_be_reached_is_one_clear_error(s3_options, s3_bucket, tmp_path):
+    """s3fs answers "does not exist" for an endpoint it cannot reach; a stage must say which it is."""
+    import socket
+
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nowhere = storage.StorageOptions(endpoint_url=f"http://127.0.0.1:{port}", access_key_id="a",
+                                     secret_access_key="b")
+    with pytest.raises(storage.StorageError, match=r"--input: cannot reach s3://bucket/data .*EndpointConnectionError"):
+        storage.check_reachable("s3://bucket/data", nowhere, "--input")
+    assert storage.check_reachable(s3_bucket, s3_options) is True
+    assert storage.check_reachable(f"{s3_bucket}/nothing-here", s3_options) is False
+    storage.check_output_dir(f"{s3_bucket}/new/folder", s3_options)  # prefixes need not exist
+    with pytest.raises(storage.StorageError, match="bucket s3://missing-bucket-x does not exist"):
+        storage.check_output_dir("s3://missing-bucket-x/out", s3_options)
+    storage.check_output_dir(str(tmp_path / "a" / "b"))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(storage.StorageError, match="is a file"):
+        storage.check_output_dir(str(tmp_path / "f" / "out"))
+
+
 def test_normalize_and_join(tmp_path):
     assert storage.normalize(f"file://{tmp_path}") == str(tmp_path)
     assert storage.join("s3://b/k/", "x", "y.json") == "s3://b/k/x/y.json"
