@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -118,8 +119,21 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def merge_into(section: dict[str, Any], values: dict[str, Any]) -> None:
+    """Merge a mapping into a config section key by key (sub-sections merged in turn)."""
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(section.get(key), dict):
+            merge_into(section[key], value)
+        else:
+            section[key] = copy.deepcopy(value)
+
+
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b.c`` in a config tree; a number indexes a list (``models.2.path``)."""
+    """Set ``a.b.c`` in a config tree; a number indexes a list (``models.2.path``).
+
+    A mapping set onto an existing section is merged into it, so ``train={max_steps: 2}`` (or a
+    demo's ``distill.set.train.max_steps=2``, which arrives as that mapping) changes one key and
+    keeps the section's others; any other value replaces what was there."""
     keys = dotted.split(".")
     node: Any = data
     for depth, key in enumerate(keys):
@@ -137,7 +151,10 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(f"--set {dotted}: {'.'.join(keys[:depth])} is a value ({node!r}), "
                               f"not a section with a {key!r} key")
         elif last:
-            node[key] = value
+            if isinstance(value, dict) and isinstance(node.get(key), dict):
+                merge_into(node[key], value)
+            else:
+                node[key] = value
         else:
             node = node.setdefault(key, {})
 

@@ -26,7 +26,14 @@ def ray_init(address: str | None = None, num_cpus: int | None = None, quiet: boo
     if address:
         check_reachable(address)
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=not quiet, runtime_env=runtime_env)
+        try:
+            ray.init(address=address, log_to_driver=not quiet, runtime_env=runtime_env)
+        except ConnectionError as exc:  # the port answers, but no Ray cluster behind it
+            from fewstep.config import ConfigError
+
+            raise ConfigError(f"Ray address {address}: {exc}; start the cluster (`ray start --head`) "
+                              "or fix the address (FEWSTEP_RAY_ADDRESS, --ray-address or the config's "
+                              "ray_address)") from None
         return True
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     # Short path: Ray's unix sockets live under the temp dir and have a length limit.

@@ -22,6 +22,7 @@ from pydantic import Field
 
 from fewstep import storage
 from fewstep.config import ConfigError, StrictModel, load_config, parse_config, set_dotted
+from trainer.demo_summary import print_summary, short_composition, summarise
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class DemoError(RuntimeError):
 class CorpusStep(StrictModel):
     uri: str | None = Field(None, description="Your own raw corpus folder (t2i/ and edit/ parts); "
                             "null builds the small built-in one.")
-    preset: str = "small"
+    preset: str = Field("small", description="Built-in corpus size (fewstep corpus build --preset).")
     seed: int = 0
     resolution: int = 64
     t2i_per_category: int | None = None
@@ -147,7 +148,7 @@ class Stages:
             inputs = [u for u in inputs if storage.exists(u, self.options)] or [corpus]
             composition = run_curate(str(_config_path(self.cfg.curate.config)), inputs, out, self.options,
                                      self.cfg.ray_address, overrides=self.cfg.curate.set)
-            print(f"    composition: {_short(composition)}")
+            print(f"    composition: {short_composition(composition)}")
         self.done("curate", start)
         return out
 
@@ -233,56 +234,6 @@ def _fill(value: Any, values: dict[str, str]) -> Any:
     return value
 
 
-def _short(composition: dict) -> str:
-    counts = composition.get("counts") or composition.get("selected") or composition
-    text = str(counts)
-    return text if len(text) < 300 else text[:297] + "..."
-
-
-def summarise(report: dict[str, Any]) -> dict[str, Any]:
-    """``summary.json``: per model its role, NFE, seconds per image and mean score per bench."""
-    models = {}
-    for name, m in report["models"].items():
-        models[name] = {
-            "role": m["role"], "nfe": m["nfe"], "guidance_scale": m["guidance_scale"],
-            "seconds_per_image": m["seconds_per_image"],
-            "network_calls_per_image": m["network_calls_per_image"],
-            "decode_seconds_per_image": m["decode_seconds_per_image"],
-            "scores": {bench: b["score"] for bench, b in m["benches"].items()},
-            "cases": {bench: b["cases"] for bench, b in m["benches"].items()},
-        }
-    teachers = [m for m in models.values() if m["role"] == "teacher"]
-    students = [m for m in models.values() if m["role"] == "student"]
-    speedup = None
-    if teachers and students and students[0]["seconds_per_image"] > 0:
-        speedup = teachers[0]["seconds_per_image"] / students[0]["seconds_per_image"]
-    return {"models": models, "speedup": speedup}
-
-
-def print_summary(summary: dict[str, Any], run_dir: str, seconds: dict[str, float]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    benches = list(dict.fromkeys(b for m in summary["models"].values() for b in m["scores"]))
-    table = Table(title="fewstep demo: teacher vs student (judge scores 1-5, higher is better)")
-    short = {"t2i-bench-mini": "T2I score", "editing-bench-mini": "Edit score"}
-    for column in ("model", "role", "NFE", "calls/img", "s/img", *[short.get(b, b) for b in benches]):
-        table.add_column(column, justify="left" if column in ("model", "role") else "right")
-    for name, m in summary["models"].items():
-        table.add_row(name, m["role"], str(m["nfe"]), f"{m['network_calls_per_image']:.0f}",
-                      f"{m['seconds_per_image']:.3f}",
-                      *[f"{m['scores'].get(b, float('nan')):.2f} ({m['cases'].get(b, 0)})" for b in benches])
-    console.print(table)
-    if summary["speedup"]:
-        console.print(f"measured speed-up, student vs teacher: {summary['speedup']:.1f}x per image "
-                      "(encode + sampling + decode)")
-    console.print("(n) after a score: cases judged. Stage times: "
-                  + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
-    console.print(f"report: {storage.join(run_dir, 'eval', 'report.md')}   "
-                  f"summary: {storage.join(run_dir, 'summary.json')}")
-
-
 def _reachable(field: str, uri: str, options) -> bool:
     """Whether ``uri`` exists; a store that cannot be reached is a DemoError naming ``field``."""
     try:
@@ -290,6 +241,14 @@ def _reachable(field: str, uri: str, options) -> bool:
     except Exception as exc:  # botocore's credential and endpoint errors share no base class
         raise DemoError(f"{field}: cannot reach {uri} ({type(exc).__name__}: {exc}); check the path, "
                         "s3_endpoint_url and the FEWSTEP_/AWS_ credentials") from None
+
+
+def _check_corpus_preset(cfg: DemoConfig) -> None:
+    from fewstep.bench.corpus.build import PRESETS
+
+    if not cfg.corpus.uri and cfg.corpus.preset not in PRESETS:
+        raise DemoError(f"corpus.preset: {cfg.corpus.preset!r} is not one of {list(PRESETS)} (or give "
+                        "corpus.uri, your own raw corpus)")
 
 
 def check_stage_configs(cfg: DemoConfig) -> None:
@@ -369,11 +328,22 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         raise DemoError(f"corpus.uri: {cfg.corpus.uri} not found: give a raw corpus folder (t2i/ and "
                         "edit/ parts), or null to build the small built-in one")
     check_stage_configs(cfg)
+    _check_corpus_preset(cfg)
+    if cfg.ray_address:
+        from fewstep.raysession import check_reachable
+
+        try:
+            check_reachable(cfg.ray_address)
+        except ConfigError as exc:
+            raise DemoError(f"ray_address: {exc}") from None
     stages = Stages(cfg, options)
     _reachable("run_dir", stages.run_dir, options)
+    # Only now, with every input checked, may finished stages whose inputs changed be removed.
     stages.redo = stages_to_redo(cfg, teacher, stages, options)
     print(f"fewstep demo -> {stages.run_dir} (teacher {teacher})", flush=True)
+    from fewstep.bench.corpus.build import CorpusError
     from fewstep.contract import ContractError
+    from fewstep.storage import StorageError
     from pipelines.curate.read import InputError
     from pipelines.curate.rebalance import CompositionError
     from pipelines.precompute.plan import PrecomputeError
@@ -386,7 +356,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             shards = stages.precompute(curated, teacher)
             student = stages.distill(shards, teacher)
             report = stages.evaluate(teacher, student)
-    except (ConfigError, InputError, CompositionError, PrecomputeError, ContractError, RunFailedError) as exc:
+    except (ConfigError, InputError, CompositionError, PrecomputeError, ContractError, RunFailedError,
+            CorpusError, StorageError) as exc:
         raise DemoError(str(exc)) from None
     summary = summarise(report)
     summary.update({"run_dir": stages.run_dir, "teacher": teacher, "student": student,

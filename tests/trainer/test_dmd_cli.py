@@ -82,6 +82,43 @@ def test_demo_checks_its_inputs_before_any_stage_runs(tmp_path):
     assert not run.exists()
 
 
+def test_a_bad_demo_setting_leaves_a_finished_run_folder_as_it_was(tmp_path):
+    """Finished stages are removed for a redo only once every input has been checked: a typo in
+    the corpus preset or an address where no Ray cluster answers must not cost the old results."""
+    import socket
+
+    run = tmp_path / "run"
+    for name in ("corpus", "curated", "shards", "distill", "eval"):
+        (run / name).mkdir(parents=True)
+        (run / name / "done").write_text("x")
+    typo = CliRunner().invoke(app, ["demo", "--out", str(run), "--set", "corpus.preset=huge"])
+    assert typo.exit_code == 2 and "corpus.preset: 'huge' is not one of" in typo.output
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray = CliRunner().invoke(app, ["demo", "--out", str(run), "--set", f"ray_address=127.0.0.1:{port}"])
+    assert ray.exit_code == 2 and "ray_address" in ray.output and "nothing answers" in ray.output
+    assert sorted(p.name for p in run.iterdir()) == ["corpus", "curated", "distill", "eval", "shards"]
+
+
+def test_a_nested_stage_setting_changes_one_key_of_its_section():
+    """`--set distill.set.train.max_steps=2` reaches the stage as {train: {max_steps: 2}}: it is
+    merged into the stage config's train section, not put in its place."""
+    from fewstep.config import parse_overrides
+    from trainer.demo import DEFAULT_CONFIG, _config_path, load_config_dict, load_demo_config
+
+    cfg = load_demo_config(DEFAULT_CONFIG, parse_overrides(["distill.set.train.max_steps=2"]))
+    data = load_config_dict(_config_path(cfg.distill.config), cfg.distill.set)
+    assert data["train"]["max_steps"] == 2 and "batch_size" in data["train"]
+    from trainer.runtime.config import TrainConfig
+
+    assert TrainConfig.model_validate(data).train.max_steps == 2
+    # A mapping onto a plain value still replaces it (a per-task guidance scale for a single one).
+    replaced = load_config_dict(_config_path(cfg.distill.config),
+                                {"objective.guidance_scale": {"t2i": 3.0, "edit": 2.0}})
+    assert replaced["objective"]["guidance_scale"] == {"t2i": 3.0, "edit": 2.0}
+
+
 def test_demo_redoes_the_stages_whose_inputs_changed(tmp_path):
     """A run folder remembers what made each stage; a later run reuses a stage only if it and
     every stage before it had the same inputs (the teacher counts from precompute on)."""
