@@ -71,13 +71,15 @@ _FIXES = {
 def format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"{source}: {error.error_count()} invalid field(s)"]
     for item in error.errors():
-        path = ".".join(str(p) for p in item["loc"]) or "<root>"
+        path = ".".join(str(p) for p in item["loc"])
         message = _FIXES.get(item["type"], item["msg"])
+        if item["type"] == "value_error":  # our own validators' messages name their fields
+            message = message.removeprefix("Value error, ")
         got = item.get("input")
         got_text = ""
         if item["type"] != "missing" and not isinstance(got, dict):
             got_text = f" (got {got!r})"
-        lines.append(f"  - {path}: {message}{got_text}")
+        lines.append(f"  - {path}: {message}{got_text}" if path else f"  - {message}{got_text}")
     return "\n".join(lines)
 
 

@@ -114,6 +114,14 @@ class GuidanceConfig(StrictModel):
         """Resolve the preset or custom table into a validated :class:`LambdaTable`."""
         names = [t.name for t in self.teachers]
         if self.lambdas is not None:
+            # With a custom table `specialises` only marks the base teacher, but a misspelt
+            # category there is still a mistake the user wants to hear about.
+            unknown = sorted({c for t in self.teachers for c in t.specialises
+                              if c.split(":", 1)[-1] not in categories})
+            if unknown:
+                raise GuidanceError(
+                    f"guidance.teachers: specialises {unknown}, not in objective.categories "
+                    f"{sorted(set(categories))}: fix the name or add it to objective.categories")
             return LambdaTable.from_mapping(self.lambdas, names, num_steps, categories)
         rows = preset_rows(self, num_steps, categories)
         return LambdaTable.from_mapping(rows, names, num_steps, categories)

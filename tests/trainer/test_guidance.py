@@ -93,6 +93,9 @@ def test_a_misspelt_specialisation_is_an_error_not_a_base_only_run():
     for preset in ("stepwise", "specialist"):
         with pytest.raises(GuidanceError, match=r"\['Text'\].*fix the name"):
             parse_config(GuidanceConfig, {"teachers": teachers, "preset": preset}).build_table(4, CATS)
+    custom = {"teachers": teachers, "preset": None, "lambdas": {"default": [[1.0, 0.0]] * 4}}
+    with pytest.raises(GuidanceError, match=r"specialises \['Text'\].*fix the name"):
+        parse_config(GuidanceConfig, custom).build_table(4, CATS)  # also beside a custom table
 
 
 def test_step_out_of_range_is_an_error():

@@ -201,6 +201,21 @@ def test_data_errors_are_clear(world, tmp_path):
     assert sum(len(s) for s in ids) == len(set().union(*ids))
 
 
+def test_a_launch_checks_its_data_and_models_before_making_a_run_folder(world, tmp_path):
+    from trainer.runtime.config import TrainConfig
+    from trainer.runtime.launch import launch
+
+    no_data = _raw(world, str(tmp_path / "runs"), "no-data")
+    no_data["data"]["uri"] = str(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="data.uri: no manifest.json"):
+        launch(TrainConfig.model_validate(no_data))
+    no_model = _raw(world, str(tmp_path / "runs"), "no-model")
+    no_model["objective"]["init"]["path"] = str(tmp_path / "missing-teacher")
+    with pytest.raises(ConfigError, match=r"objective.init.path: no pipeline at .*missing-teacher"):
+        launch(TrainConfig.model_validate(no_model))
+    assert not (tmp_path / "runs").exists()  # no run folder, and Ray was never started
+
+
 def test_one_process_stops_at_the_first_step_past_max_minutes(world, tmp_path):
     """A fixed-time job on one process stops right after its budget, not at the next log step."""
     from trainer.runtime.config import TrainConfig

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fewstep import storage
+from fewstep.config import ConfigError
 from fewstep.settings import Settings, get_settings
 from fewstep.storage import StorageOptions
 from trainer.objectives.base import resolve_objective
@@ -73,6 +74,41 @@ def _data_source(config: TrainConfig, options: StorageOptions | None) -> DataSou
     return open_source(config.data, cls.data_kind, cls.columns, options)
 
 
+def model_dirs(section: Any, where: str = "objective") -> Iterator[tuple[str, str]]:
+    """``(field, uri)`` of every pipeline directory an objective config will load: pretrained
+    inits (and their ``vae``), teachers, DMD's ``init_from``."""
+    from pydantic import BaseModel
+
+    from trainer.guidance import TeacherSpec
+    from trainer.teachers.init import InitConfig
+
+    if isinstance(section, InitConfig):
+        if section.source == "pretrained":
+            yield from ((f"{where}.{k}", v) for k in ("path", "vae") if (v := getattr(section, k)))
+        return
+    if isinstance(section, TeacherSpec):
+        yield f"{where}.path", section.path
+        return
+    if isinstance(section, BaseModel):
+        for name in type(section).model_fields:
+            value = getattr(section, name)
+            if name == "init_from" and isinstance(value, str):
+                yield f"{where}.{name}", value
+            else:
+                yield from model_dirs(value, f"{where}.{name}")
+    elif isinstance(section, list | tuple):
+        for index, item in enumerate(section):
+            yield from model_dirs(item, f"{where}.{index}")
+
+
+def check_model_dirs(objective_config: Any, options: StorageOptions | None) -> None:
+    for field, uri in model_dirs(objective_config):
+        index = storage.join(uri, "model_index.json")
+        if not storage.check_reachable(index, options, field):
+            raise ConfigError(f"{field}: no pipeline at {uri} (no model_index.json there); give a "
+                              "diffusers pipeline directory, e.g. assets/teachers/base")
+
+
 def resolve_paths(config: TrainConfig) -> TrainConfig:
     """Validate the objective section and make paths absolute on the driver.
 
@@ -94,6 +130,9 @@ def launch(config: TrainConfig, settings: Settings | None = None,
     settings = settings or get_settings()
     options = options if options is not None else settings.storage_options()
     config = resolve_paths(config)
+    # Inputs first: a missing dataset or model fails before a run folder or Ray exists.
+    _data_source(config, options)
+    check_model_dirs(config.objective_config(), options)
     run_uri = config.run_uri(settings.runs_dir)
     record_launch(config.model_dump(mode="json"), run_uri, storage.join(run_uri, CHECKPOINTS_NAME), options)
     ext_dir = str(settings.torch_extensions_dir) if settings.torch_extensions_dir else \
