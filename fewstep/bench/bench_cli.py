@@ -141,8 +141,8 @@ def score_cmd(
 
 @bench_app.command("train-recognizers")
 def train_recognizers_cmd(
-    out: Path = typer.Option(None, "--out", help="where to write recognizer.safetensors/.json "
-                                                 "(default: the shipped fewstep/bench/assets)"),
+    out: Path = typer.Option(..., "--out", help="where to write recognizer.safetensors/.json; "
+                                                "fewstep/bench/assets replaces the shipped recogniser"),
     steps: int = typer.Option(9000, "--steps"),
     pool: int = typer.Option(45000, "--pool", help="augmented renders drawn once, then sampled"),
     width: int = typer.Option(48, "--width", help="channels of the first conv block"),
@@ -151,8 +151,7 @@ def train_recognizers_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (same recipe)"),
 ) -> None:
     """Train the subject / skin-tone / style recogniser the offline judge ships (see docs/bench.md)."""
-    from fewstep.bench.judges.recognizers import ASSETS
     from fewstep.bench.judges.train_recognizers import train
 
-    card = train(out or ASSETS, steps=steps, pool=pool, width=width, seed=seed, threads=threads, device=device)
+    card = train(out, steps=steps, pool=pool, width=width, seed=seed, threads=threads, device=device)
     typer.echo(json.dumps(card["heldout"], indent=2))

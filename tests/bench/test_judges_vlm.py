@@ -188,3 +188,12 @@ def test_strict_parse_rejects(text, problem):
 def test_config_rejects_unknown_keys():
     with pytest.raises(Exception, match="extra"):
         VLMJudgeConfig(base_url="http://x/v1", model="m", temperture=0)
+
+
+def test_the_example_vlm_config_of_the_docs_validates():
+    from pathlib import Path
+
+    from fewstep.config import load_config
+
+    cfg = load_config(VLMJudgeConfig, Path(__file__).resolve().parents[2] / "configs" / "judge" / "vlm.yaml")
+    assert cfg.base_url.endswith("/v1") and cfg.model and cfg.api_key is None

@@ -142,5 +142,18 @@ class ReferenceBank:
             return self._sets[key]
 
 
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Recompute the reference features of every bench category (docs/bench.md). "
+        f"Writes --out; pass --out {ASSET} to refresh the shipped asset the offline judge loads.")
+    parser.add_argument("--out", type=Path, required=True, help="the .npz to write")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"wrote {write_asset(FeatureExtractor(threads=args.threads), args.out)}")
+
+
 if __name__ == "__main__":
-    print(f"wrote {write_asset(FeatureExtractor(threads=2))}")
+    main()

@@ -1,6 +1,6 @@
 """Train the shipped recogniser (``recognizers.py``) on world renders; CPU, a few minutes.
 
-    python -m fewstep.bench.judges.train_recognizers [--out DIR] [--steps N] [--seed S]
+    python -m fewstep.bench.judges.train_recognizers --out DIR [--steps N] [--seed S]
     fewstep bench train-recognizers ...
 
 Why the data looks like this: a classifier trained on the few fixed backgrounds learns the
@@ -247,7 +247,8 @@ def train(out_dir: Path, steps: int = 9000, batch_size: int = 64, seed: int = 0,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ASSETS, help="where to write the weights and card")
+    parser.add_argument("--out", type=Path, required=True,
+                        help=f"where to write the weights and card ({ASSETS} replaces the shipped ones)")
     parser.add_argument("--steps", type=int, default=9000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--pool", type=int, default=45000, help="augmented renders drawn once")
