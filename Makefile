@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup demo test test-all lint bench teachers clean
+.PHONY: setup demo test test-all lint bench clean
 
 setup:
 	@bash scripts/setup.sh

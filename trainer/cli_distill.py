@@ -109,7 +109,7 @@ def eval_compare(
 
     The two evals must have scored the same cases (same benches and cases_per_category). Exit code 0 either way; read 'A clearly better'.
 
-    Example: fewstep eval-compare runs/eval-students:student-4 runs/eval-recorded2:teacher-4
+    Example (after `make demo`): fewstep eval-compare runs/demo/eval:student runs/demo/eval:teacher
     """
     from fewstep.settings import get_settings
     from trainer.evaluate.compare import METRICS, compare_scores, paired_table, read_case_scores

@@ -21,7 +21,7 @@ _HELP = (
     "A row with a null or blank id, task, category or prompt, or an image that cannot be encoded, is "
     "a reject with its reason and curated part; a curated set with columns of the wrong type, parts "
     "changed since curate wrote them, or an unusable teacher or output is refused before any work.\n\n"
-    "Example: fewstep precompute --config configs/precompute/default.yaml --teacher runs/teacher "
+    "Example: fewstep precompute --config configs/precompute/default.yaml --teacher assets/teachers/base "
     "--input runs/curated --output runs/shards --set rows_per_shard=128"
 )
 
