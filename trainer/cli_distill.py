@@ -51,7 +51,7 @@ def distill(
 
     try:
         result = launch(cfg, get_settings())
-    except (FileNotFoundError, ValueError, RunFailedError) as exc:
+    except (OSError, ValueError, RunFailedError) as exc:  # OSError: missing or unreachable stores
         _fail(str(exc))
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     typer.echo(json.dumps({"run": result.run_uri, "final": result.final_uri, "metrics": metrics}, indent=2))
@@ -99,7 +99,8 @@ def evaluate(
 def eval_compare(
     a: str = typer.Argument(..., help="Model A as EVAL_DIR:MODEL (an eval output folder and a model name in it)."),
     b: str = typer.Argument(..., help="Model B as EVAL_DIR:MODEL."),
-    alpha: float = typer.Option(0.05, "--alpha", help="A is 'clearly better' when the sign test p is below this."),
+    alpha: float = typer.Option(0.05, "--alpha", min=0.0, max=1.0,
+                                help="A is 'clearly better' when the sign test p is below this."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     metric: str = typer.Option("score", "--metric", help="score: the judge's 1-5 on every case; "
                                "text_chars: the OCR character accuracy on `text` cases only (every text "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 HELP = "\n\n".join([
@@ -28,12 +30,22 @@ def _parse_sets(values: list[str]) -> dict:
     return parse_overrides(values)
 
 
+_PRESETS = Path(__file__).resolve().parents[2] / "configs" / "curate"
+
+
+def _config_path(value: str) -> str:
+    """A YAML path, or a preset name from configs/curate/ (``mixed``, ``ratio-7-3``)."""
+    if Path(value).exists() or not (_PRESETS / f"{value}.yaml").exists():
+        return value  # an existing file, or a missing one that the loader names
+    return str(_PRESETS / f"{value}.yaml")
+
+
 def register(app: typer.Typer) -> None:
     """Add the `curate` command to the main app."""
 
     @app.command("curate", help=HELP, no_args_is_help=True)
     def curate(
-        config: str = typer.Option(..., "--config", "-c", help="Curate config YAML (configs/curate/<name>.yaml)."),
+        config: str = typer.Option(..., "--config", "-c", help="Curate config YAML, or a preset name from configs/curate/ (mixed, ratio-7-3, ...)."),
         inputs: list[str] = typer.Option(
             None, "--input", "-i", help="Corpus file or directory URI; repeat for several. Default: config inputs."),
         output: str = typer.Option(None, "--output", "-o", help="Output URI (path or s3://). Default: config output."),
@@ -51,7 +63,7 @@ def register(app: typer.Typer) -> None:
         settings = get_settings()
         console = Console(stderr=True)
         try:
-            report = run_curate(config, list(inputs or []), output, settings.storage_options(),
+            report = run_curate(_config_path(config), list(inputs or []), output, settings.storage_options(),
                                 settings.ray_address, overrides=_parse_sets(list(sets or [])))
         except (ConfigError, InputError, CompositionError) as exc:
             console.print(f"[red]curate: {exc}[/red]")
