@@ -10,7 +10,7 @@ The input is a curate output (e.g. of the bench world's `standard` corpus):
     fewstep curate --config configs/curate/default.yaml --input runs/corpus/standard \
         --output runs/curated/standard --set filters.nsfw.enabled=false
     python scripts/train_teachers.py --curated runs/curated/standard --device cuda \
-        --work runs/teachers --out assets/teachers
+        --work runs/teachers --out runs/teachers/export   # assets/teachers replaces the shipped ones
 
 Each stage has a step count and a wall-clock budget (minutes); the first reached ends it.
 """
