@@ -82,7 +82,7 @@ def evaluate(
     settings = get_settings()
     try:
         report = run_eval(cfg, out, settings.storage_options(), settings.ray_address)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # OSError: missing or unreachable stores
         _fail(str(exc))
     from trainer.evaluate.report import bench_table
 
@@ -108,7 +108,7 @@ def eval_compare(
 ) -> None:
     """Compare two evaluated models case by case: wins, losses, ties, mean difference, sign test.
 
-    The two evals must have scored the same cases (same benches and cases_per_category). Exit code 0 either way; read 'A clearly better'.
+    Cases scored by only one of them are left out, with a warning. Exit code 0 either way; read 'A clearly better'.
 
     Example (after `make demo`): fewstep eval-compare runs/demo/eval:student runs/demo/eval:teacher
     """
@@ -133,6 +133,11 @@ def eval_compare(
     benches = [bench for bench in scores_a if bench in scores_b]
     if not benches:
         _fail(f"no bench in common: A has {sorted(scores_a)}, B has {sorted(scores_b)}")
+    for bench in benches:
+        only_a, only_b = set(scores_a[bench]) - set(scores_b[bench]), set(scores_b[bench]) - set(scores_a[bench])
+        if only_a or only_b:
+            typer.echo(f"warning: {bench}: A and B scored different cases ({len(only_a)} only in A, "
+                       f"{len(only_b)} only in B); comparing the cases both scored", err=True)
     try:
         results = [compare_scores(bench, name_a, name_b, scores_a[bench], scores_b[bench]) for bench in benches]
     except ValueError as exc:

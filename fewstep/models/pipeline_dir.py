@@ -62,6 +62,10 @@ class PipelineDir:
             found = storage.exists(index_uri, self.options)
         except Exception as exc:  # e.g. S3 unreachable: say which URI
             raise NotAPipelineError(f"cannot read {index_uri}: {exc}") from exc
+        if not found and not storage.exists(self.uri, self.options):
+            raise NotAPipelineError(f"{self.uri} does not exist (so model_index.json is missing): give "
+                                    "a pipeline directory, e.g. assets/teachers/base or a run's final/; "
+                                    "create a tiny one with `fewstep models init-tiny --out DIR`")
         if not found:
             raise NotAPipelineError(
                 f"{self.uri} is not a pipeline directory: model_index.json is missing. Expected a diffusers "
@@ -73,6 +77,16 @@ class PipelineDir:
         if missing:
             raise NotAPipelineError(f"{index_uri} lists no {missing}: not a Qwen-Image style pipeline")
         return index
+
+    def require(self, components: tuple[str, ...]) -> None:
+        """Fail now, naming the folder, if any of ``components`` is absent or empty (a loader
+        would fail later, in a worker, after other models' work)."""
+        for component in components:
+            if not self.has(component):
+                raise NotAPipelineError(f"{self.uri} has no {component!r} component (model_index.json)")
+            if not storage.list_files(storage.join(self.uri, component), options=self.options):
+                raise NotAPipelineError(f"{self.uri}/{component} is missing or empty: the pipeline "
+                                        "directory is incomplete")
 
     def has(self, component: str) -> bool:
         entry = self.model_index.get(component)

@@ -163,3 +163,52 @@ def test_eval_writes_cases_tables_grids_with_nfe_counts(models, ray_cluster):
     assert edit["mean_diff"] == pytest.approx(student_m["benches"]["editing-bench-mini"]["score"]
                                               - teacher_m["benches"]["editing-bench-mini"]["score"])
     assert "## Paired by case" in (out / "report.md").read_text()
+
+
+def test_eval_refuses_what_would_fail_after_sampling_and_replaces_an_earlier_eval(models, tmp_path):
+    """Checks that need no sampling run first (no Ray starts for them); an --out with an earlier
+    eval is emptied of its results, so no old model's cases sit beside the new ones."""
+    import shutil
+
+    from fewstep.models.pipeline_dir import NotAPipelineError
+    from fewstep.storage import StorageError
+    from trainer.evaluate.config import EvalConfig
+    from trainer.evaluate.run import clear_previous_eval, run_eval
+
+    _, teacher, _ = models
+    config = EvalConfig.model_validate({"models": [{"name": "t", "path": teacher}], "cases_per_category": 1})
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(StorageError, match="--out: .*a-file is a file"):
+        run_eval(config, str(a_file), progress=False)
+    broken = tmp_path / "no-transformer"
+    shutil.copytree(teacher, broken)
+    shutil.rmtree(broken / "transformer")
+    with pytest.raises(NotAPipelineError, match="no-transformer/transformer is missing or empty"):
+        run_eval(EvalConfig.model_validate({"models": [{"name": "t", "path": str(broken)}]}),
+                 str(tmp_path / "out"), progress=False)
+
+    old = tmp_path / "old-eval"
+    for rel in ("cases/old-model/t2i-bench-mini.jsonl", "images/old-model/a.png", "tables/t2i-bench-mini.md",
+                "report.json", "notes.txt"):
+        (old / rel).parent.mkdir(parents=True, exist_ok=True)
+        (old / rel).write_text("{}")
+    clear_previous_eval(str(old), None)
+    assert sorted(p.name for p in old.iterdir()) == ["notes.txt"]  # the user's own file stays
+
+
+def test_eval_config_refuses_settings_that_would_mislead():
+    from fewstep.config import ConfigError, parse_config
+    from trainer.evaluate.config import EvalConfig
+    from trainer.evaluate.run import plan_items
+
+    base = {"models": [{"name": "t", "path": "/x"}]}
+    for change, field in (({"benches": []}, "benches"), ({"benches": ["t2i-bench-mini"] * 2}, "each bench once"),
+                          ({"resolution": 36}, "resolution"), ({"models": [{"name": "..", "path": "/x"}]}, "dots")):
+        with pytest.raises(ConfigError, match=field):
+            parse_config(EvalConfig, {**base, **change})
+    # The teachers' cap only ever lowers their case count.
+    cfg = EvalConfig.model_validate({**base, "benches": ["t2i-bench-mini"], "cases_per_category": 1,
+                                     "teacher_cases_per_category": 2})
+    teacher = {"name": "t", "nfe": 80}
+    assert sum(len(i["draws"]) for i in plan_items(cfg, [teacher])) == 3

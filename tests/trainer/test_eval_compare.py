@@ -59,11 +59,20 @@ def test_draws_of_a_case_are_averaged_before_pairing():
     assert (single.wins, single.draws_a, single.draws_b) == (1, 1, 1)
 
 
+def _list_model(root: Path, model: str) -> None:
+    """report.json lists the eval's models, as eval writes it."""
+    report = root / "report.json"
+    data = json.loads(report.read_text()) if report.exists() else {"models": {}}
+    data["models"][model] = {}
+    report.write_text(json.dumps(data))
+
+
 def _write_eval(root: Path, model: str, scores: dict[str, float], bench: str = "t2i-bench-mini") -> None:
     folder = root / "cases" / model
     folder.mkdir(parents=True)
     lines = [json.dumps({"bench": bench, "case_id": case, "score": score}) for case, score in scores.items()]
     (folder / f"{bench}.jsonl").write_text("\n".join(lines) + "\n")
+    _list_model(root, model)
 
 
 def test_cli_compares_models_of_two_eval_folders(tmp_path):
@@ -80,7 +89,18 @@ def test_cli_compares_models_of_two_eval_folders(tmp_path):
     assert row["clearly_better"] is True
 
     missing = runner.invoke(app, ["eval-compare", f"{tmp_path / 'eval-a'}:nobody", f"{tmp_path / 'eval-b'}:teacher-4"])
-    assert missing.exit_code == 2 and "no case files" in missing.output
+    assert missing.exit_code == 2 and "'nobody' is not a model of that eval" in missing.output
+    # Case files an earlier eval left in the folder are not this eval's model.
+    (tmp_path / "eval-a" / "cases" / "old-student").mkdir()
+    stale = runner.invoke(app, ["eval-compare", f"{tmp_path / 'eval-a'}:old-student", f"{tmp_path / 'eval-b'}:teacher-4"])
+    assert stale.exit_code == 2 and "not a model of that eval" in stale.output
+    nothing = runner.invoke(app, ["eval-compare", f"{tmp_path / 'nowhere'}:a", f"{tmp_path / 'eval-b'}:teacher-4"])
+    assert nothing.exit_code == 2 and "no report.json" in nothing.output
+    _write_eval(tmp_path / "eval-c", "fewer", {f"c{i}": 3.0 for i in range(20)})
+    partial = runner.invoke(app, ["eval-compare", f"{tmp_path / 'eval-c'}:fewer", f"{tmp_path / 'eval-b'}:teacher-4",
+                                  "--json"])
+    assert partial.exit_code == 0 and "different cases (0 only in A, 10 only in B)" in partial.stderr
+    assert json.loads(partial.stdout)[0]["cases"] == 20
     malformed = runner.invoke(app, ["eval-compare", "no-colon", f"{tmp_path / 'eval-b'}:teacher-4"])
     assert malformed.exit_code == 2 and "EVAL_DIR:MODEL" in malformed.output
 
@@ -112,6 +132,7 @@ def test_cli_compares_text_characters_where_every_text_score_ties(tmp_path):
         rows += [{"bench": "t2i-bench-val", "case_id": f"p{i}", "score": 4.0, "category": "portrait",
                   "details": {"measurements": {"category": "portrait"}}} for i in range(5)]
         (folder / "t2i-bench-val.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        _list_model(tmp_path / root, model)
     runner = CliRunner()
     args = ["eval-compare", f"{tmp_path / 'eval-b'}:text", f"{tmp_path / 'eval-a'}:base", "--json"]
     (by_score,) = json.loads(runner.invoke(app, args).output)

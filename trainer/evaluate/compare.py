@@ -158,7 +158,15 @@ def read_case_scores(eval_dir: str, model: str, options: StorageOptions | None =
     (cases the metric does not apply to are left out)."""
     if metric not in METRICS:
         raise ValueError(f"metric: {metric!r} is not one of {METRICS}")
-    folder = storage.join(storage.normalize(eval_dir), "cases", model)
+    root = storage.normalize(eval_dir)
+    report_uri = storage.join(root, "report.json")
+    if not storage.exists(report_uri, options):
+        raise FileNotFoundError(f"{root}: no report.json there; give the --out folder of a finished "
+                                "`fewstep eval`")
+    listed = sorted(storage.read_json(report_uri, options).get("models", {}))
+    if model not in listed:  # case files of other runs may sit there; only this report's count
+        raise FileNotFoundError(f"{root}: {model!r} is not a model of that eval (it has {listed})")
+    folder = storage.join(root, "cases", model)
     files = storage.list_files(folder, ".jsonl", options)
     if not files:
         raise FileNotFoundError(f"{folder}: no case files (is {model!r} a model of that eval?)")

@@ -32,8 +32,8 @@ class ModelEntry(StrictModel):
     @field_validator("name")
     @classmethod
     def _safe(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
-            raise ValueError("use letters, digits, '-', '_' or '.' only (it names files)")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value) or set(value) == {"."}:
+            raise ValueError("use letters, digits, '-', '_' or '.' only, not only dots (it names files)")
         return value
 
     @field_validator("path")
@@ -45,16 +45,19 @@ class ModelEntry(StrictModel):
 class EvalConfig(StrictModel):
     models: list[ModelEntry] = Field(..., min_length=1)
     benches: list[BenchName] = Field(
-        default_factory=lambda: list(BENCH_NAMES),
+        default_factory=lambda: list(BENCH_NAMES), min_length=1,
         description="Benches to sample: the mini benches are the reported ones; the *-bench-val "
         "benches (same shape, no case in common) are for choosing recipes and checkpoints.")
     cases_per_category: int | None = Field(None, ge=1, description="First N cases of each category "
                                            "(null: the whole bench).")
     teacher_cases_per_category: int | None = Field(
-        None, ge=1, description="Cap for models with nfe > 8 (80-NFE teachers are slow on a CPU); "
+        None, ge=1, description="Cap for models with nfe > 8 (80-NFE teachers are slow on a CPU): "
+        "such models score the first N cases of each category, never more than cases_per_category; "
         "null: same as cases_per_category.")
     judge: str = Field("offline", description="Bench judge (fewstep.bench.judges).")
-    resolution: int | None = Field(None, ge=8, description="Sampling size (default: each model's).")
+    resolution: int | None = Field(None, ge=16, multiple_of=16, description="Sampling size, a "
+                                   "multiple of 16 (the VAE factor 8 x 2x2 latent packing; default: "
+                                   "each model's).")
     batch_size: int = Field(16, ge=1, description="Cases sampled together by one actor call.")
     actors: int = Field(1, ge=1, description="Ray Data actors sampling in parallel (1 keeps the "
                         "per-image timings free of contention on a small machine).")
@@ -79,4 +82,6 @@ class EvalConfig(StrictModel):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"models: names must be unique, got {names}")
+        if len(set(self.benches)) != len(self.benches):
+            raise ValueError(f"benches: each bench once, got {self.benches} (more draws: seeds_per_case)")
         return self

@@ -51,7 +51,7 @@ def plan_items(config: EvalConfig, models: list[dict[str, Any]]) -> list[dict[st
     for model in models:
         cap = config.cases_per_category
         if model["nfe"] > 8 and config.teacher_cases_per_category is not None:
-            cap = config.teacher_cases_per_category
+            cap = min(cap or config.teacher_cases_per_category, config.teacher_cases_per_category)
         for bench in config.benches:
             cases = load_bench(bench)
             draws = []
@@ -143,6 +143,21 @@ class EvalWorker:
         return out
 
 
+EVAL_OUTPUTS = ("cases", "images", "grids", "tables", "report.md", "report.json")
+
+
+def clear_previous_eval(output: str, options: StorageOptions | None) -> None:
+    """An --out that holds an earlier eval is replaced, not merged: its cases, images, grids and
+    tables would otherwise sit beside the new ones (eval-compare would read them as this run's)."""
+    from fewstep import storage as stores
+
+    if not stores.check_reachable(stores.join(output, "report.json"), options, "--out"):
+        return
+    log.warning("eval: %s holds an earlier eval; its results are replaced", output)
+    for name in EVAL_OUTPUTS:
+        stores.delete(stores.join(output, name), options, recursive=True)
+
+
 def _png(image) -> bytes:
     import io
 
@@ -159,10 +174,17 @@ def run_eval(config: EvalConfig, output: str, storage: StorageOptions | None = N
     import ray.data
     from tqdm import tqdm
 
+    from fewstep import storage as stores
+    from fewstep.models.pipeline_dir import PipelineDir
     from fewstep.raysession import ray_session
     from trainer.evaluate.report import write_report
 
+    # Everything checkable is checked before any sampling: a late failure loses all the work.
+    stores.check_output_dir(output, storage, "--out")
+    for entry in config.models:
+        PipelineDir(entry.path, storage).require(("transformer", "vae", "text_encoder", "tokenizer", "scheduler"))
     models = [resolve_model(m, storage) for m in config.models]
+    clear_previous_eval(output, storage)
     items = plan_items(config, models)
     total = sum(len(i["draws"]) for i in items)
     threads = config.threads_per_actor or max(1, (os.cpu_count() or 1) // config.actors)
