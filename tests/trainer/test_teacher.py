@@ -180,6 +180,20 @@ def test_vae_decoder_finetune_keeps_the_latent_space(tmp_path):
     error_after = (after.decode_latents(latents) - target).abs().mean()
     assert error_after < 0.8 * error_before, (float(error_before), float(error_after))
 
+    # The pipeline keeps its role: a teacher stays one, and so does a 4-step student, which eval
+    # would otherwise sample as an 80-NFE teacher with CFG.
+    from trainer.export import default_sampling, export_student
+
+    meta = json.loads(Path(result.final_uri, "fewstep_model.json").read_text())
+    assert meta["role"] == json.loads(Path(pipeline, "fewstep_model.json").read_text())["role"]
+    assert meta["vae_trained_steps"] == 24
+    student = export_student(QwenImageAdapter.load(pipeline, components=("transformer",)).transformer,
+                             pipeline, str(tmp_path / "student"), num_steps=4, shift=3.0)
+    run = _vae_run(tmp_path, curated, student, steps=2, log_every=2, batch_size=4, lr=1e-4,
+                   name="vae-decoder-student", train_encoder=False, edge_weight=1.0)
+    sampled = default_sampling(launch(run).final_uri)
+    assert (sampled["role"], sampled["num_steps"]) == ("student", 4)
+
 
 def test_vae_anchor_needs_a_trained_encoder():
     from pydantic import ValidationError

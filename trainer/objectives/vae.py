@@ -301,5 +301,10 @@ class VAEObjective(Objective):
             vae.register_to_config(latents_mean=mean, latents_std=std)
             log.info("VAE latents_mean %s latents_std %s", np.round(mean, 3).tolist(), np.round(std, 3).tolist())
         self.adapter.vae = vae
-        self.adapter.save_pipeline(str(out_dir), extra_meta={"role": "vae", "trained_steps": state.step,
-                                                             "vae_resolution": self.resolution})
+        if self.adapter.meta.get("role"):
+            # A VAE fine-tuned inside a teacher or a student: the pipeline keeps its role (a
+            # student stays a 4-step student for eval) and the transformer's own step count.
+            meta = {"vae_trained_steps": state.step, "vae_resolution": self.resolution}
+        else:
+            meta = {"role": "vae", "trained_steps": state.step, "vae_resolution": self.resolution}
+        self.adapter.save_pipeline(str(out_dir), extra_meta=meta)
