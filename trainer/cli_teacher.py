@@ -53,20 +53,27 @@ def run_training(config_path: str, overrides: list[str], dry_run: bool) -> None:
     except ConfigError as exc:
         console.print(f"[red]config error[/red]\n{exc}")
         raise typer.Exit(2) from None
-    from trainer.runtime.launch import launch, resolve_paths
+    from trainer.runtime.launch import check_inputs, launch, resolve_paths
 
     settings = get_settings()
+    try:
+        resolved = resolve_paths(config)
+    except ConfigError as exc:
+        console.print(f"[red]config error[/red]\n{exc}")
+        raise typer.Exit(2) from None
     if dry_run:
-        try:
-            resolved = resolve_paths(config)
-        except ConfigError as exc:
-            console.print(f"[red]config error[/red]\n{exc}")
-            raise typer.Exit(2) from None
         shown = resolved.model_dump(mode="json")
         if resolved.testing == type(resolved.testing)():  # fault injection unused: not worth a line
             shown.pop("testing", None)
         typer.echo(yaml.safe_dump(shown, sort_keys=False))
         typer.echo(f"# run folder: {config.run_uri(settings.runs_dir)}")
+    try:  # the inputs, before anything runs (a dry run too: it answers "would this start?")
+        check_inputs(resolved, resolved.run_uri(settings.runs_dir), settings.storage_options())
+    except (ValueError, OSError) as exc:  # ConfigError, a missing dataset or model, a store
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if dry_run:
+        typer.echo("# inputs: found")
         return
     from trainer.runtime.launch import RunFailedError
 

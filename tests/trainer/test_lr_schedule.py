@@ -52,6 +52,15 @@ def test_a_decay_without_its_length_names_the_field_and_the_fix() -> None:
         OptimizerConfig(lr=1.0, decay="linear", decay_steps=10, min_lr_ratio=2.0)
 
 
+def test_schedule_settings_that_would_do_nothing_or_harm_are_refused() -> None:
+    with pytest.raises(ValidationError, match="decay_steps, min_lr_ratio: set, but decay is 'constant'"):
+        OptimizerConfig(decay_steps=1000, min_lr_ratio=0.1)
+    OptimizerConfig(decay="constant", decay_start=None, decay_steps=None)  # explicit "no decay" is fine
+    for bad in ({"lr": -1.0}, {"lr": 0.0}, {"warmup_steps": -5}, {"eps": 0.0}, {"weight_decay": -0.1}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            OptimizerConfig(**bad)
+
+
 def test_decay_start_holds_the_rate_then_decays_to_the_floor() -> None:
     config = OptimizerConfig(lr=1.0, decay="linear", decay_start=4, decay_steps=8, min_lr_ratio=0.0)
     lrs = _lrs(config, 10)

@@ -216,6 +216,17 @@ def test_a_launch_checks_its_data_and_models_before_making_a_run_folder(world, t
     assert not (tmp_path / "runs").exists()  # no run folder, and Ray was never started
 
 
+def test_a_warmup_longer_than_the_run_is_reported(world, tmp_path, caplog):
+    from trainer.runtime.config import TrainConfig
+    from trainer.runtime.launch import _warn_about_schedules
+
+    raw = _raw(world, str(tmp_path), "short")
+    raw["objective"]["optimizer"]["warmup_steps"] = 500  # a preset's warm-up, on a 12-step run
+    with caplog.at_level("WARNING", logger="trainer.runtime.launch"):
+        _warn_about_schedules(TrainConfig.model_validate(raw))
+    assert "objective.optimizer.warmup_steps 500 >= train.max_steps 12" in caplog.text
+
+
 def test_one_process_stops_at_the_first_step_past_max_minutes(world, tmp_path):
     """A fixed-time job on one process stops right after its budget, not at the next log step."""
     from trainer.runtime.config import TrainConfig

@@ -38,16 +38,23 @@ def test_shipped_teacher_configs_validate(name):
         assert objective.init.path.endswith("teacher-vae/final") and objective.caption_dropout > 0
 
 
-def test_cli_help_and_dry_run():
+def test_cli_help_and_dry_run(world, tmp_path):
     from fewstep.cli import app
 
     runner = CliRunner()
     out = runner.invoke(app, ["train-teacher", "--help"])
     assert out.exit_code == 0 and "--config" in out.output and "vae.yaml" in out.output
+    # The resolved config is shown; inputs that do not exist yet make the answer "would not start".
     out = runner.invoke(app, ["train-teacher", "--config", str(REPO / "configs/teacher/base.yaml"),
-                              "--set", "train.max_steps=7", "--dry-run"])
-    assert out.exit_code == 0, out.output
-    assert "max_steps: 7" in out.output and "teacher-vae/final" in out.output
+                              "--set", "train.max_steps=7", "--set", f"data.uri={tmp_path / 'none'}", "--dry-run"])
+    assert out.exit_code == 2, out.output
+    assert "max_steps: 7" in out.output and "teacher-vae/final" in out.output and "no manifest.json" in out.output
+    pipeline, shards = world
+    out = runner.invoke(app, ["train-teacher", "--config", str(REPO / "configs/teacher/base.yaml"),
+                              "--set", f"data.uri={shards}", "--set", f"objective.init.path={pipeline}",
+                              "--set", f"run.runs_dir={tmp_path / 'runs'}", "--dry-run"])
+    assert out.exit_code == 0 and "# inputs: found" in out.output, out.output
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
     bad = runner.invoke(app, ["train-teacher", "--config", str(REPO / "configs/teacher/base.yaml"),
                               "--set", "train.max_stesp=7", "--dry-run"])
     assert bad.exit_code == 2 and "train.max_stesp" in bad.output

@@ -76,7 +76,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import numpy as np
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from fewstep.config import StrictModel
 from fewstep.storage import StorageOptions
@@ -99,12 +99,12 @@ OBJECTIVES: dict[str, str] = {
 class OptimizerConfig(StrictModel):
     """AdamW settings of one trainable model (every model gets its own optimiser)."""
 
-    lr: float = 1e-4
+    lr: float = Field(1e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    eps: float = 1e-8
-    grad_clip: float | None = 1.0  # max global grad norm; null disables clipping
-    warmup_steps: int = 0  # linear warm-up in optimiser steps of this model
+    weight_decay: float = Field(0.0, ge=0)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; null disables clipping
+    warmup_steps: int = Field(0, ge=0)  # linear warm-up in optimiser steps of this model
     # Learning-rate decay from optimiser step ``decay_start`` (default: the end of warm-up) to
     # step ``decay_steps``, down to ``lr * min_lr_ratio`` (then held there). Annealing at the
     # end of a run is where a constant-rate run leaves quality on the table; ``decay_start``
@@ -123,6 +123,11 @@ class OptimizerConfig(StrictModel):
                 f"warmup_steps and decay_start); set it to the run's optimiser steps (e.g. train.max_steps)")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError("min_lr_ratio: must be in [0, 1] (the final lr as a share of lr)")
+        ignored = [k for k, unset in (("decay_start", None), ("decay_steps", None), ("min_lr_ratio", 0.0))
+                   if getattr(self, k) != unset]
+        if self.decay == "constant" and ignored:
+            raise ValueError(f"{', '.join(ignored)}: set, but decay is 'constant', which ignores them; "
+                             "set decay: linear or cosine, or remove them")
         return self
 
     def _decay_start(self) -> int:

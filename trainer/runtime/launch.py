@@ -101,6 +101,35 @@ def model_dirs(section: Any, where: str = "objective") -> Iterator[tuple[str, st
             yield from model_dirs(item, f"{where}.{index}")
 
 
+def check_inputs(config: TrainConfig, run_uri: str, options: StorageOptions | None) -> None:
+    """What a launch needs, checked before a run folder or Ray exists: the dataset, every model
+    directory, and a place for the run folder. Raises ConfigError, FileNotFoundError or
+    StorageError naming the field."""
+    _data_source(config, options)
+    check_model_dirs(config.objective_config(), options)
+    storage.check_output_dir(run_uri, options, "run.runs_dir")
+    _warn_about_schedules(config)
+
+
+def _warn_about_schedules(config: TrainConfig) -> None:
+    """A warm-up longer than the run never reaches the configured rate: say so before it runs."""
+    from pydantic import BaseModel
+
+    from trainer.objectives.base import OptimizerConfig
+
+    def walk(section: Any, where: str) -> Iterator[tuple[str, OptimizerConfig]]:
+        if isinstance(section, OptimizerConfig):
+            yield where, section
+        elif isinstance(section, BaseModel):
+            for name in type(section).model_fields:
+                yield from walk(getattr(section, name), f"{where}.{name}")
+
+    for where, optimizer in walk(config.objective_config(), "objective"):
+        if optimizer.warmup_steps >= config.train.max_steps:
+            log.warning("%s.warmup_steps %d >= train.max_steps %d: the run may end before its learning "
+                        "rate reaches %.3g", where, optimizer.warmup_steps, config.train.max_steps, optimizer.lr)
+
+
 def check_model_dirs(objective_config: Any, options: StorageOptions | None) -> None:
     for field, uri in model_dirs(objective_config):
         index = storage.join(uri, "model_index.json")
@@ -130,10 +159,8 @@ def launch(config: TrainConfig, settings: Settings | None = None,
     settings = settings or get_settings()
     options = options if options is not None else settings.storage_options()
     config = resolve_paths(config)
-    # Inputs first: a missing dataset or model fails before a run folder or Ray exists.
-    _data_source(config, options)
-    check_model_dirs(config.objective_config(), options)
     run_uri = config.run_uri(settings.runs_dir)
+    check_inputs(config, run_uri, options)
     record_launch(config.model_dump(mode="json"), run_uri, storage.join(run_uri, CHECKPOINTS_NAME), options)
     ext_dir = str(settings.torch_extensions_dir) if settings.torch_extensions_dir else \
         os.environ.get("TORCH_EXTENSIONS_DIR")
