@@ -100,7 +100,13 @@ class PipelineDir:
 
     def meta(self) -> dict[str, Any]:
         uri = storage.join(self.uri, FEWSTEP_META)
-        return storage.read_json(uri, self.options) if storage.exists(uri, self.options) else {}
+        if not storage.exists(uri, self.options):
+            return {}
+        try:
+            return storage.read_json(uri, self.options)
+        except ValueError as exc:
+            raise NotAPipelineError(f"{uri} is not valid JSON ({exc}); fix or remove it (it records "
+                                    "the model's role and sampling steps)") from None
 
     def _remote_listing(self, component: str) -> dict[str, list]:
         fs, path = storage.resolve(storage.join(self.uri, component), self.options)

@@ -220,3 +220,16 @@ def test_cli_init_tiny_and_info(tmp_path):
     assert result.exit_code == 1 and "model_index.json is missing" in result.output
     result = runner.invoke(app, ["init-tiny", "--out", str(out)])
     assert result.exit_code == 1 and "overwrite" in result.output
+
+
+def test_a_broken_model_record_names_its_file(tmp_path):
+    import shutil
+
+    from fewstep.models.pipeline_dir import NotAPipelineError, PipelineDir
+
+    source = Path(__file__).resolve().parents[2] / "assets" / "teachers" / "base"
+    copy = tmp_path / "base"
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("*.safetensors"))
+    (copy / "fewstep_model.json").write_text("{role: student")
+    with pytest.raises(NotAPipelineError, match=r"fewstep_model.json is not valid JSON"):
+        PipelineDir(str(copy)).meta()

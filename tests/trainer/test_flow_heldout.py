@@ -176,3 +176,10 @@ def test_a_log_record_keeps_the_latest_check_not_the_mean_of_its_window():
                       "heldout_ratio": 5.0}
     dmd = window_values({"dmd_loss": [1.0, 3.0], "val_score": [2.0, 4.0]}, DMDObjective.snapshot_prefixes)
     assert dmd == {"dmd_loss": 2.0, "val_score": 4.0}
+
+
+def test_a_heldout_set_that_is_the_training_data_is_refused(tmp_path):
+    from trainer.objectives.flow_heldout import check_compatible
+
+    with pytest.raises(ValueError, match="heldout.uri: .* is data.uri itself"):
+        check_compatible(str(tmp_path / "shards"), str(tmp_path / "shards") + "/", None, None, None)

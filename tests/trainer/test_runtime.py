@@ -190,7 +190,7 @@ def test_data_errors_are_clear(world, tmp_path):
     with pytest.raises(ValueError, match="kind"):
         open_source(DataSection(uri=world[1]), "curated", None, None)
     source = open_source(DataSection(uri=world[1], categories=["no-such-category"]), "shards", None, None)
-    with pytest.raises(ValueError, match="no rows left"):
+    with pytest.raises(ValueError, match=r"no rows left .*categories \('no-such-category',\)\); the data has \["):
         LocalReader(source, None)
     source = open_source(DataSection(uri=world[1], tasks=["edit"]), "shards", None, None)
     reader = LocalReader(source, None)

@@ -289,3 +289,12 @@ def test_vae_device_cache_trains_exactly_as_decoding_each_batch(world, tmp_path,
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), (a["step"], a["loss"], b["loss"])
         assert a["samples_per_s"] > 0
     assert cached_vae["latents_mean"] == pytest.approx(decoded_vae["latents_mean"], rel=1e-5, abs=1e-7)
+
+
+def test_kept_latent_statistics_need_an_init_that_measured_them():
+    from pydantic import ValidationError
+
+    from trainer.objectives.vae import VAEConfig
+
+    with pytest.raises(ValidationError, match="keep_latent_stats: .* tiny-config init has none"):
+        VAEConfig.model_validate({"init": {"from": "tiny-config", "config": "teacher"}, "keep_latent_stats": True})

@@ -70,6 +70,12 @@ def check_compatible(train_uri: str, heldout_uri: str, train: ShardBatch, heldou
                      options) -> None:
     """A clear error when the held-out shards were encoded differently from the training shards:
     another text encoder (the empty-prompt embeddings differ) or another latent geometry."""
+    from fewstep import storage
+
+    if storage.normalize(train_uri) == storage.normalize(heldout_uri):
+        raise ValueError(f"heldout.uri: {heldout_uri} is data.uri itself, so the held-out loss equals the "
+                         "training loss and heldout_ratio cannot show memorisation; give rows kept out "
+                         "of training (a precompute output of another curated set)")
     a, b = (load_empty_prompt(uri, options, device=torch.device("cpu")) for uri in (train_uri, heldout_uri))
     same_text = a.embeds.shape == b.embeds.shape and torch.allclose(a.embeds.float(), b.embeds.float(),
                                                                      atol=1e-3)

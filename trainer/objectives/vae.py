@@ -71,6 +71,10 @@ class VAEConfig(StrictModel):
             raise ValueError("objective.anchor_weight: anchors a trained encoder to its init; with "
                              "train_encoder: false the latents cannot move. Set anchor_weight: 0 or "
                              "train_encoder: true")
+        if self.keep_latent_stats and self.init.source != "pretrained":
+            raise ValueError("objective.keep_latent_stats: keeps the init VAE's measured latents_mean/std, "
+                             "but a tiny-config init has none (they would stay 0 and 1); set it false "
+                             "or start from a pretrained pipeline")
         return self
 
     @property

@@ -198,7 +198,13 @@ class LocalReader:
         self.table = dataset.to_table(
             columns=list(source.columns) if source.columns else None, filter=source.arrow_filter())
         if self.table.num_rows == 0:
-            raise ValueError(f"data: no rows left in {source.label} after the task/category filter")
+            # Only on this failure: what the data does hold (task/category), to spot a typo.
+            kept = dataset.to_table(columns=["task", "category"])
+            present = sorted({f"{t}/{c}" for t, c in zip(kept.column("task").to_pylist(),
+                                                         kept.column("category").to_pylist())})
+            hint = f"; the data has {present}" if present else ""
+            raise ValueError(f"data: no rows left in {source.label} after the task/category filter"
+                             f" (tasks {source.tasks}, categories {source.categories}){hint}")
         # One chunk per column: a random-index take over many parquet row groups costs ~15x more.
         self.table = self.table.combine_chunks()
         log.info("data: %d rows from %s", self.table.num_rows, source.label)
