@@ -82,7 +82,9 @@ def _open_root(uri: str, expected_kind: str, options: StorageOptions | None) -> 
     try:
         manifest = check_manifest(storage.read_json(manifest_uri, options), expected_kind)
     except ContractError as exc:
-        raise ValueError(f"data.uri: {uri}: {exc}") from None
+        wanted = ("a `fewstep precompute` output (this objective trains on encoded shards)"
+                  if expected_kind == "shards" else "a `fewstep curate` output (this objective trains on images)")
+        raise ValueError(f"data.uri: {uri}: {exc}; give {wanted}") from None
     files = tuple(storage.join(uri, entry["path"]) for entry in manifest["shards"])
     if not files:
         files = tuple(storage.list_files(storage.join(uri, KIND_DIRS[expected_kind]), ".parquet", options))
