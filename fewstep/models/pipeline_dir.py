@@ -214,6 +214,9 @@ def publish_dir(local_dir: Path, out_uri: str, options: StorageOptions | None = 
             out.rmdir()
         shutil.move(str(local_dir), str(out))
         return out_uri
+    if storage.list_files(out_uri, options=options):  # as locally: never upload over another model
+        shutil.rmtree(local_dir, ignore_errors=True)
+        raise FileExistsError(f"{out_uri} exists and is not empty; choose a new directory")
     files = sorted(p for p in local_dir.rglob("*") if p.is_file())
     files.sort(key=lambda p: p.name == "model_index.json")  # readers look for the index first
     for file in files:

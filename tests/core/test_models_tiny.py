@@ -171,6 +171,9 @@ def test_s3_init_load_and_save(s3_options, s3_bucket, tiny_cfg, tmp_path):
     assert storage.exists(storage.join(out, "model_index.json"), s3_options)
     assert storage.exists(storage.join(out, "text_encoder", "model.safetensors"), s3_options)
     assert storage.read_json(storage.join(out, "scheduler", "scheduler_config.json"), s3_options)["shift"] == 2.0
+    with pytest.raises(FileExistsError, match="exists and is not empty"):  # as for a local folder
+        ad.save_pipeline(f"{s3_bucket}/exports/a", scheduler_shift=3.0, storage=s3_options)
+    assert storage.read_json(storage.join(out, "scheduler", "scheduler_config.json"), s3_options)["shift"] == 2.0
     with pytest.raises(Exception, match="model_index.json is missing"):
         QwenImageAdapter.load(f"{s3_bucket}/nothing", storage=s3_options, cache_dir=tmp_path)
 
