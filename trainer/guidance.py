@@ -98,6 +98,10 @@ class GuidanceConfig(StrictModel):
             raise ValueError("give either `preset` (base|specialist|stepwise) or `lambdas`")
         if self.preset is not None and self.lambdas is not None:
             raise ValueError("`preset` and `lambdas` both set: set `preset: null` to use `lambdas`")
+        unused = [k for k, unset in (("anchor_steps", None), ("specialist_weight", 1.0)) if getattr(self, k) != unset]
+        if self.preset != "stepwise" and unused:
+            raise ValueError(f"{', '.join(unused)}: only the stepwise preset uses them (preset is "
+                             f"{self.preset!r}); remove them or set preset: stepwise")
         return self
 
     def base_index(self) -> int:

@@ -99,6 +99,9 @@ def write_shards(out: Path, teacher: str, n_t2i: int = 8, n_edit: int = 0, resol
     manifest = contract.build_manifest(kind="shards", config={"test": True}, config_hash="test",
                                        shards=entries, teacher={"uri": teacher},
                                        totals={"by_task": {k: v for k, v in by_task.items() if v}},
-                                       extra={"empty_prompt": {"path": "empty_prompt.parquet"}})
+                                       extra={"empty_prompt": {"path": "empty_prompt.parquet"},
+                                              # as precompute records them (the runtime checks models against them)
+                                              "latent_channels": int(ad.latent_channels),
+                                              "text_embed_dim": int(empty.embeds.shape[-1])})
     storage.write_json_atomic(storage.join(root, contract.MANIFEST_NAME), manifest)
     return root

@@ -104,6 +104,66 @@ def test_mixture_without_data_for_a_task_fails_clearly(world):
     t2i_only = write_shards(root / "t2i-only", base, n_t2i=4, n_edit=0)
     with pytest.raises(Exception, match="holds no such rows"):
         launch(_config(root, t2i_only, base, specialist), Settings(runs_dir=str(root / "runs2")))
+    # The data filter counts: both tasks on disk, but data.tasks keeps only T2I.
+    filtered = _config(root, data_with_both := world[3], base, specialist)
+    filtered.data.tasks = ["t2i"]
+    with pytest.raises(Exception, match=r"holds no such rows after data.tasks \['t2i'\]"):
+        launch(filtered, Settings(runs_dir=str(root / "runs2")))
+    assert data_with_both
+
+
+def test_a_teacher_made_for_other_shards_is_refused_by_name(world, tmp_path):
+    import shutil
+
+    from fewstep.settings import Settings
+    from trainer.runtime.launch import launch
+
+    root, base, specialist, data = world
+    other = tmp_path / "other-teacher"
+    shutil.copytree(specialist, other)
+    config_file = other / "transformer" / "config.json"
+    transformer = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**transformer, "out_channels": transformer["out_channels"] * 2}))
+    config = _config(root, data, base, str(other))
+    config.run.runs_dir = str(tmp_path / "runs")
+    with pytest.raises(ValueError, match=r"teacher 'text' .*other-teacher.* takes"):
+        launch(config, Settings(runs_dir=str(tmp_path / "runs")))
+
+
+def test_the_export_records_what_the_student_was_trained_from_and_at(world, tmp_path):
+    """init_from does not make the previous student the 'base teacher', and a student trained at
+    another resolution says so, so that eval samples it there."""
+    from fewstep.settings import Settings
+    from trainer.export import export_student
+    from trainer.runtime.launch import launch
+
+    root, base, specialist, data = world
+    from fewstep.models.adapter import QwenImageAdapter
+
+    earlier = export_student(QwenImageAdapter.load(base, components=("transformer",)).transformer, base,
+                             str(tmp_path / "earlier"), num_steps=4, shift=3.0)
+    config = _config(root, data, base, specialist, init_from=earlier, resolution=16)
+    config.train.max_steps, config.run.runs_dir = 1, str(tmp_path / "runs")
+    final = launch(config, Settings(runs_dir=str(tmp_path / "runs"))).final_uri
+    meta = json.loads((Path(final) / "fewstep_model.json").read_text())
+    assert (meta["base_teacher"], meta["init_from"], meta["resolution"]) == (base, earlier, 16)
+    assert QwenImageAdapter.load(final, components=()).resolution == 16
+
+
+def test_a_validation_between_log_steps_is_logged_at_its_own_step(world, tmp_path):
+    from fewstep.settings import Settings
+    from trainer.runtime.launch import launch
+    from trainer.runtime.metrics import read_metrics
+
+    root, base, specialist, data = world
+    config = _config(root, data, base, specialist,
+                     validation={"every": 3, "cases_per_category": 1, "save_grids": False})
+    config.train.max_steps, config.train.log_every, config.train.export = 4, 2, False
+    config.run.runs_dir = str(tmp_path / "runs")
+    result = launch(config, Settings(runs_dir=str(tmp_path / "runs")))
+    records = read_metrics(result.run_uri)
+    assert [r["step"] for r in records] == [0, 2, 3, 4]
+    assert [("val_score" in r) for r in records] == [True, False, True, True]
 
 
 def test_a_run_stopped_by_max_minutes_validates_the_exported_student(world):

@@ -174,8 +174,9 @@ def test_a_log_record_keeps_the_latest_check_not_the_mean_of_its_window():
     record = window_values(window, FlowMatchingObjective.snapshot_prefixes)
     assert record == {"loss": pytest.approx(0.3), "heldout_loss": 0.5, "train_fixed_loss": 0.1,
                       "heldout_ratio": 5.0}
-    dmd = window_values({"dmd_loss": [1.0, 3.0], "val_score": [2.0, 4.0]}, DMDObjective.snapshot_prefixes)
-    assert dmd == {"dmd_loss": 2.0, "val_score": 4.0}
+    dmd = window_values({"dmd_loss": [1.0, 3.0], "val_score": [2.0, 4.0], "mixture_edit_share": [0.0, 0.2]},
+                        DMDObjective.snapshot_prefixes)
+    assert dmd == {"dmd_loss": 2.0, "val_score": 4.0, "mixture_edit_share": 0.2}  # a running share: its latest
 
 
 def test_a_heldout_set_that_is_the_training_data_is_refused(tmp_path):

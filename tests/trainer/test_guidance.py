@@ -88,6 +88,14 @@ def test_config_level_errors():
         parse_config(GuidanceConfig, {"teachers": [TEACHERS[1]], "preset": "stepwise"}).build_table(4, CATS)
 
 
+def test_stepwise_settings_under_another_preset_are_refused():
+    for preset in ("base", "specialist"):
+        with pytest.raises(ConfigError, match="anchor_steps: only the stepwise preset uses them"):
+            parse_config(GuidanceConfig, {"teachers": TEACHERS, "preset": preset, "anchor_steps": 2})
+    with pytest.raises(ConfigError, match="specialist_weight"):
+        parse_config(GuidanceConfig, {"teachers": TEACHERS, "preset": "base", "specialist_weight": 0.5})
+
+
 def test_a_misspelt_specialisation_is_an_error_not_a_base_only_run():
     teachers = [TEACHERS[0], {"name": "text", "path": "t/text", "specialises": ["Text"]}]
     for preset in ("stepwise", "specialist"):

@@ -196,6 +196,8 @@ class ObjectiveEnv:
     data_uri: str | None  # the (first) dataset root the runtime streams (shards or curated)
     work_dir: Path  # a local scratch directory of this worker
     data_uris: tuple[str, ...] = ()  # every root, when data.uri lists several (their union is streamed)
+    data_tasks: tuple[str, ...] | None = None  # data.tasks: the runtime streams only these
+    data_categories: tuple[str, ...] | None = None  # data.categories: likewise
 
     @property
     def roots(self) -> tuple[str, ...]:
@@ -284,6 +286,11 @@ class Objective(ABC):
 
         Every rank calls it; under ZeRO-3 forward passes here must be the same on every rank."""
         return {}
+
+    def log_due(self, step: int) -> bool:
+        """Whether ``step`` must be a log step whatever ``train.log_every`` says (a periodic check
+        ran there: its values would otherwise be filed under a later step, or replaced)."""
+        return False
 
     def closing_metrics(self, state: TrainState) -> dict[str, float]:
         """Metrics of the final model when ``train.max_minutes`` stops a run before ``max_steps``

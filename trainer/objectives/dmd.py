@@ -65,7 +65,9 @@ class DMDObjective(Objective):
     Config = DMDConfig
     data_kind = "shards"
     columns = DMD_COLUMNS
-    snapshot_prefixes = ("val_",)
+    # Point-in-time values: checks, and the mixture's running shares (a mean over a window of
+    # running totals would report neither the served share nor anything else).
+    snapshot_prefixes = ("val_", "mixture_")
     progress_keys = ("dmd_loss", "fake_loss", "student_grad_norm", "mixture_edit_share", "val_score",
                      "val_pixel_std")
 
@@ -86,6 +88,10 @@ class DMDObjective(Objective):
         # Before any model is built: shards of another model fail here, by name.
         check_shards_fit(PipelineDir(base, storage).read_json("transformer/config.json"), self.env.roots,
                          storage, f"the student's base ({base})")
+        for m in self.active:  # every teacher reads the same latents and prompt embeddings
+            spec = cfg.guidance.teachers[m]
+            check_shards_fit(PipelineDir(spec.path, storage).read_json("transformer/config.json"),
+                             self.env.roots, storage, f"teacher {spec.name!r} ({spec.path})")
         student, fake = _saved_transformer(base, storage), _saved_transformer(base, storage)
         specs = [
             ModelSpec("student", student.load, True, cfg.student_optimizer, saved=student),
@@ -104,20 +110,27 @@ class DMDObjective(Objective):
         self.sigmas = self.adapter.sigmas(cfg.student_steps, cfg.student_shift)
         self.empty = load_empty_prompt(env.data_uri, env.storage).to(state.device)
         roots = env.roots
-        totals = union_totals(roots, env.storage)
+        totals = union_totals(roots, env.storage, env.data_tasks, env.data_categories)
         self.manifest_rows = int(totals.get("rows", 0))
         by_task = totals.get("by_task")
         if isinstance(by_task, dict):
             missing = [t for t in cfg.mixture.fractions() if not by_task.get(t)]
             if missing:
+                kept = (f" after data.tasks {list(env.data_tasks or [])} / data.categories "
+                        f"{list(env.data_categories or [])}") if env.data_tasks or env.data_categories else ""
                 raise MixtureError(
-                    f"objective.mixture.ratio serves {missing} but {', '.join(roots)} holds no such rows "
-                    f"(rows per task: {by_task}); set its weight to 0 or precompute such data")
+                    f"objective.mixture.ratio serves {missing} but {', '.join(roots)} holds no such rows"
+                    f"{kept} (rows per task: {by_task}); set its weight to 0, widen the data filter "
+                    "or precompute such data")
+        self._max_steps = state.max_steps
         self.buffer: TaskBuffer | None = None
         self.mixer: MixtureScheduler | None = None
         self._restored: dict[str, Any] = {}
-        self.validator = Validator(cfg.validation, self.adapter, cfg.base_uri(), env, cfg.student_steps,
-                                   cfg.student_shift) if cfg.validation.every else None
+        validation = cfg.validation
+        if validation.resolution is None and cfg.resolution is not None:  # check at the trained size
+            validation = validation.model_copy(update={"resolution": cfg.resolution})
+        self.validator = Validator(validation, self.adapter, cfg.base_uri(), env, cfg.student_steps,
+                                   cfg.student_shift) if validation.every else None
         log.info("DMD: %d-step student (shift %g), teachers %s, lambda table %s, mixture %s",
                  cfg.student_steps, cfg.student_shift, self.teacher_names, self.table.to_dict()["tables"],
                  cfg.mixture.fractions())
@@ -308,6 +321,9 @@ class DMDObjective(Objective):
         return M.flow_matching_loss(student_fn, latents, t0, eps, weight=mask)
 
     # ------------------------------------------------------------------ state and export
+    def log_due(self, step: int) -> bool:
+        return self.validator is not None and self.validator.due(step, self._max_steps)
+
     def initial_metrics(self, state: TrainState) -> dict[str, float]:
         """The student before training (= the base teacher at the student's NFE), as step 0."""
         return self.validator.run(state, state.models["student"], step=0) if self.validator else {}
@@ -337,7 +353,12 @@ class DMDObjective(Objective):
                        storage=self.env.storage, trained_steps=state.step,
                        extra_meta={"teachers": [t.name for t in self.cfg.guidance.teachers],
                                    "lambda_table": self.table.to_dict(),
-                                   "mixture": self.cfg.mixture.fractions()})
+                                   "mixture": self.cfg.mixture.fractions(),
+                                   # base_uri() is init_from when set; the teachers' base is this one
+                                   "base_teacher": self.cfg.guidance.teachers[self.cfg.guidance.base_index()].path,
+                                   **({"init_from": self.cfg.init_from} if self.cfg.init_from else {}),
+                                   # eval samples at the size the student trained at
+                                   **({"resolution": self.cfg.resolution} if self.cfg.resolution else {})})
 
     def describe(self) -> str:
         return f"dmd {self.cfg.student_steps}-step student <- {'+'.join(self.teacher_names)}"

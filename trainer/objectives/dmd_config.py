@@ -39,8 +39,9 @@ class DMDConfig(StrictModel):
                                 "in batches.")
     categories: list[str] = Field(default_factory=lambda: [*T2I_CATEGORIES, *EDIT_CATEGORIES],
                                   description="Categories the lambda table is expanded for.")
-    resolution: int | None = Field(None, ge=8, description="Pixels of prompt-only samples (default: "
-                                   "the rows' latents, else the teacher's resolution).")
+    resolution: int | None = Field(None, ge=8, description="Pixels of the student's samples (default: "
+                                   "the rows' latents, else the teacher's resolution); the exported "
+                                   "student and the periodic validation use it too.")
     init_from: str | None = Field(None, description="Initialise student and fake score from this "
                                   "pipeline (default: the base teacher).")
     validation: ValidationConfig = Field(default_factory=ValidationConfig)

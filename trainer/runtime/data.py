@@ -147,16 +147,30 @@ def open_source(section: DataSection, expected_kind: str, columns: tuple[str, ..
     return DataSource(roots[0], expected_kind, files, manifests[0], columns, tasks, categories, tuple(roots))
 
 
-def union_totals(roots: list[str] | tuple[str, ...], options: StorageOptions | None) -> dict:
-    """Rows and rows per task over every root, from the manifests' ``totals`` ({} if one lacks them)."""
+def union_totals(roots: list[str] | tuple[str, ...], options: StorageOptions | None,
+                 tasks: tuple[str, ...] | None = None, categories: tuple[str, ...] | None = None) -> dict:
+    """Rows and rows per task over every root, from the manifests' ``totals`` ({} if one lacks them).
+
+    With ``tasks`` or ``categories`` (the run's data filter), ``by_task`` counts only the rows the
+    filter keeps, as far as the manifests' ``by_category`` tell (``rows`` stays the whole)."""
     rows, by_task = 0, {}
     for root in roots:
         totals = storage.read_json(storage.join(root, MANIFEST_NAME), options).get("totals")
         if not isinstance(totals, dict):
             return {}
         rows += int(totals.get("rows", 0))
-        for task, count in (totals.get("by_task") or {}).items():
-            by_task[task] = by_task.get(task, 0) + int(count)
+        by_category = totals.get("by_category") or {}
+        if categories and by_category:
+            counts = {}
+            for key, count in by_category.items():
+                task, _, category = key.partition("/")
+                if category in categories:
+                    counts[task] = counts.get(task, 0) + int(count)
+        else:
+            counts = {task: int(count) for task, count in (totals.get("by_task") or {}).items()}
+        for task, count in counts.items():
+            if not tasks or task in tasks:
+                by_task[task] = by_task.get(task, 0) + count
     return {"rows": rows, "by_task": by_task}
 
 

@@ -185,7 +185,9 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
     objective_cls = resolve_objective(config.objective_name())
     env = ObjectiveEnv(rank=rank, world_size=world, device=device, storage=payload.storage,
                        run_uri=payload.run_uri, data_uri=config.data.primary_uri,
-                       data_uris=tuple(config.data.uris), work_dir=work_dir)
+                       data_uris=tuple(config.data.uris), work_dir=work_dir,
+                       data_tasks=tuple(config.data.tasks) if config.data.tasks else None,
+                       data_categories=tuple(config.data.categories) if config.data.categories else None)
     if device.type == "cpu":
         _return_freed_memory(_mmap_threshold_mb(config))
     # Before the objective loads anything: the worker's own footprint (Python, torch, Ray).
@@ -237,7 +239,8 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
                 time.sleep(config.testing.step_sleep_s)
             _crash_hook(config, rank, state.step)
 
-            is_log = state.step % train.log_every == 0 or state.step == train.max_steps
+            is_log = (state.step % train.log_every == 0 or state.step == train.max_steps
+                      or objective.log_due(state.step))
             # One process may stop at any step; several agree only at log steps (one all-reduce).
             is_log = is_log or (world == 1 and deadline is not None and time.monotonic() > deadline)
             is_ckpt = state.step % train.checkpoint_every == 0 or state.step == train.max_steps
