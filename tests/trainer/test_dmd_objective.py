@@ -217,3 +217,34 @@ def test_backward_simulation_uses_the_students_own_steps(world):
     full = ad.sample(ad.transformer, cond, None, num_steps=4, shift=3.0, init_noise=noise)
     x0, _ = M.student_x0(fn, z_k, sigmas[torch.tensor([3, 3])])
     assert torch.allclose(x0, full, atol=1e-4)
+
+
+def test_a_resumed_run_trains_on_the_rows_an_uninterrupted_one_does(world, tmp_path):
+    """Rows a rank had read into the mixture's buffer but not yet trained on are part of the
+    checkpoint: the resumed run serves them, so its losses match a run that never stopped."""
+    import copy
+
+    from fewstep.settings import Settings
+    from trainer.runtime.launch import launch
+    from trainer.runtime.metrics import read_metrics
+
+    root, base, specialist, data = world
+    config = _config(root, data, base, specialist, mixture={"ratio": {"t2i": 3, "edit": 1}})
+    config.train.max_steps, config.train.checkpoint_every, config.train.export = 8, 4, False
+    config.run.runs_dir = str(tmp_path / "runs")
+    straight = copy.deepcopy(config)
+    straight.run.name = "straight"
+    launch(straight, Settings(runs_dir=str(tmp_path / "runs")))
+    resumed = copy.deepcopy(config)
+    resumed.run.name = "resumed"
+    resumed.train.max_steps = 4
+    launch(resumed, Settings(runs_dir=str(tmp_path / "runs")))
+    resumed.train.max_steps = 8
+    launch(resumed, Settings(runs_dir=str(tmp_path / "runs")))
+
+    def losses(name: str) -> list[tuple[int, float]]:
+        return [(r["step"], r["dmd_loss"]) for r in read_metrics(str(tmp_path / "runs" / name)) if "dmd_loss" in r]
+
+    checkpoint = next((tmp_path / "runs" / "resumed" / "checkpoints").glob("step-00000004"))
+    assert list(checkpoint.glob("objective-rank0.pt")), "no rows were buffered at the checkpoint"
+    assert losses("resumed") == losses("straight")

@@ -141,6 +141,20 @@ def test_a_resume_keeps_the_runs_counts_unless_told_to_count_afresh(caplog):
     assert same.served == served and "steer" not in caplog.text
 
 
+def test_a_resume_early_in_a_run_with_the_same_ratio_does_not_warn(caplog):
+    """After 2 batches a 7:3 run has served 1:1 (whole batches); that is no changed ratio."""
+    early = _resumed_dmd({"t2i": 7, "edit": 3}, "run", {"t2i": 1, "edit": 1})
+    with caplog.at_level("WARNING", logger="trainer.objectives.dmd"):
+        early._make_mixer(world_size=1)
+    assert "steer" not in caplog.text
+    # The checkpoint records the ratio, so a changed one is told apart at any point of the run.
+    changed = _resumed_dmd({"t2i": 9, "edit": 1}, "run", {"t2i": 1, "edit": 1})
+    changed._restored["mixture_fractions"] = {"t2i": 0.7, "edit": 0.3}
+    with caplog.at_level("WARNING", logger="trainer.objectives.dmd"):
+        changed._make_mixer(world_size=1)
+    assert "steer towards the new ratio" in caplog.text
+
+
 def test_ratio_as_the_paper_writes_it(tmp_path):
     from fewstep.config import parse_overrides
 

@@ -306,6 +306,13 @@ class Objective(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Inverse of :meth:`state_dict`, called on resume."""
 
+    def rank_state_dict(self) -> dict[str, Any]:
+        """State of this rank alone (e.g. rows read but not yet trained on), saved per rank."""
+        return {}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Inverse of :meth:`rank_state_dict` ({} when the run resumes with another world size)."""
+
     def finalize(self, state: TrainState) -> None:  # noqa: B027 - optional hook
         """After the last step, on every rank (collectives allowed), before ``export``."""
 

@@ -21,6 +21,7 @@ all ranks run the same number of forward passes (ZeRO-3 gathers parameters colle
 from __future__ import annotations
 
 import logging
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,7 @@ class DMDObjective(Objective):
                     f"{kept} (rows per task: {by_task}); set its weight to 0, widen the data filter "
                     "or precompute such data")
         self._max_steps = state.max_steps
+        self._restored_rows: dict[str, Any] = getattr(self, "_restored_rows", {})
         self.buffer: TaskBuffer | None = None
         self.mixer: MixtureScheduler | None = None
         self._restored: dict[str, Any] = {}
@@ -151,6 +153,8 @@ class DMDObjective(Objective):
             self.buffer = TaskBuffer(batch_size, self.cfg.buffer_batches * batch_size)
             self.buffer.seen.update(self._restored.get("buffer_seen", {}))
             self.buffer.dropped.update(self._restored.get("buffer_dropped", {}))
+            for task, rows in self._restored_rows.get("buffer_rows", {}).items():
+                self.buffer.buffers.setdefault(task, deque()).extend(rows)
             self.mixer = self._make_mixer(state.world_size)
         self.buffer.push(block)
         tasks = sorted(self.mixer.fractions)
@@ -184,7 +188,13 @@ class DMDObjective(Objective):
             served = None
         elif served:
             shares = achieved_ratio(served)
-            if any(abs(shares.get(t, 0.0) - f) > 0.05 for t, f in fractions.items()):
+            before = self._restored.get("mixture_fractions")
+            # The ratio changed (checkpoints from before it was recorded: a clear drift only; a
+            # few whole batches cannot match 7:3 yet and are no reason to warn).
+            positive = {t: f for t, f in fractions.items() if f > 0}
+            changed = (before != positive if before is not None else sum(served.values()) >= 20
+                       and any(abs(shares.get(t, 0.0) - f) > 0.05 for t, f in fractions.items()))
+            if changed:
                 log.warning("mixture: resumed with ratio %s but the run so far served %s; the cumulative "
                             "counts now steer towards the new ratio (mixture.counts_from: resume serves it "
                             "from this step on)", self.cfg.mixture.ratio, served)
@@ -339,11 +349,22 @@ class DMDObjective(Objective):
             return dict(self._restored)
         return {"buffer_seen": dict(self.buffer.seen), "buffer_dropped": dict(self.buffer.dropped),
                 "mixture_served": dict(self.mixer.served),
+                "mixture_fractions": dict(self.mixer.fractions),
                 "mixture_off_target_steps": self.mixer.off_target_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # Global served counts (same on every rank) keep the ratio on track across a resume.
         self._restored = dict(state)
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        # Rows this rank has read but not trained on: a resume must serve them, as a run that
+        # never stopped would, instead of reading on past them.
+        if self.buffer is None:
+            return dict(self._restored_rows)
+        return {"buffer_rows": {task: list(rows) for task, rows in self.buffer.buffers.items() if rows}}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        self._restored_rows = dict(state)
 
     def export(self, state: TrainState, out_dir: Path) -> None:
         from trainer.export import export_student

@@ -4,6 +4,7 @@ A checkpoint directory holds, per rank (Ray Train merges the ranks' directories)
 
     models/<name>/...            DeepSpeed engine files (each rank its partitions) or torch_state.pt
     objective.pt                 the objective's state_dict (rank 0)
+    objective-rank<r>.pt         the objective's own state of that rank, if any (e.g. buffered rows)
     position-rank<r>.json        step, epoch, batch within the epoch, samples seen
     rng-rank<r>.pt               the step generator and torch's RNG of that rank
 """
@@ -40,7 +41,8 @@ class Position:
 
 
 def write_checkpoint(directory: Path, *, rank: int, handles: dict, objective_state: dict[str, Any],
-                     position: Position, generator: torch.Generator) -> None:
+                     position: Position, generator: torch.Generator,
+                     rank_state: dict[str, Any] | None = None) -> None:
     """Fill ``directory`` with this rank's part of a checkpoint (collective: all ranks call it)."""
     directory.mkdir(parents=True, exist_ok=True)
     for name, handle in handles.items():
@@ -51,14 +53,17 @@ def write_checkpoint(directory: Path, *, rank: int, handles: dict, objective_sta
         handle.save(directory / "models" / name)
     if rank == 0:
         torch.save(objective_state, directory / "objective.pt")
+    if rank_state:
+        torch.save(rank_state, directory / f"objective-rank{rank}.pt")
     (directory / f"position-rank{rank}.json").write_text(json.dumps(asdict(position)))
     torch.save({"generator": generator.get_state(), "torch": torch.get_rng_state()},
                directory / f"rng-rank{rank}.pt")
 
 
 def read_checkpoint(directory: Path, *, rank: int, handles: dict,
-                    generator: torch.Generator) -> tuple[Position, dict[str, Any]]:
-    """Restore models and RNG from ``directory``; returns the position and objective state."""
+                    generator: torch.Generator) -> tuple[Position, dict[str, Any], dict[str, Any]]:
+    """Restore models and RNG from ``directory``; returns the position, the objective state and
+    this rank's own objective state (empty when the run had another world size)."""
     for name, handle in handles.items():
         if handle.trainable:
             handle.load(directory / "models" / name)
@@ -74,7 +79,10 @@ def read_checkpoint(directory: Path, *, rank: int, handles: dict,
         torch.set_rng_state(rng["torch"])
     objective_file = directory / "objective.pt"
     objective_state = torch.load(objective_file, weights_only=False) if objective_file.exists() else {}
-    return position, objective_state
+    rank_file = directory / f"objective-rank{rank}.pt"
+    same_world = (directory / f"position-rank{rank}.json").exists()
+    rank_state = torch.load(rank_file, weights_only=False) if rank_file.exists() and same_world else {}
+    return position, objective_state, rank_state
 
 
 class RayStore:

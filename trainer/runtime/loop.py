@@ -205,9 +205,10 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
     position = Position()
     with ctx.store.latest() as ckpt_dir:
         if ckpt_dir is not None:
-            position, objective_state = read_checkpoint(ckpt_dir, rank=rank, handles=handles,
-                                                        generator=generator)
+            position, objective_state, rank_state = read_checkpoint(ckpt_dir, rank=rank, handles=handles,
+                                                                    generator=generator)
             objective.load_state_dict(objective_state)
+            objective.load_rank_state_dict(rank_state)
             log.info("rank %d resumed from step %d (%s)", rank, position.step, ckpt_dir)
     state.step = position.step
     start_step = position.step
@@ -272,7 +273,7 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
                 ckpt_dir = work_dir / f"ckpt-{state.step:08d}"
                 write_checkpoint(ckpt_dir, rank=rank, handles=handles,
                                  objective_state=objective.state_dict(), position=position,
-                                 generator=generator)
+                                 generator=generator, rank_state=objective.rank_state_dict())
                 if metrics_log is not None:
                     metrics_log.flush()
             ctx.store.report(_finite(last), ckpt_dir, state.step)
