@@ -122,8 +122,16 @@ def category_grid(rows: list[dict[str, Any]], models: list[str], limit: int) -> 
 
 def write_report(config: EvalConfig, models: list[dict[str, Any]], rows: list[dict[str, Any]], output: str,
                  options: StorageOptions | None = None, wall_s: float | None = None) -> dict[str, Any]:
+    from fewstep.bench.benches import load_bench
+
     output = storage.normalize(output)
     storage.makedirs(output, options)
+    # Rows arrive in whatever order the actors finish: report in the config's bench order and
+    # each bench's case order, so tables, case files and the demo summary read the same every run.
+    position = {(bench, case.id): (b, i) for b, bench in enumerate(config.benches)
+                for i, case in enumerate(load_bench(bench))}
+    rows = sorted(rows, key=lambda r: (*position.get((r["bench"], r["case_id"]), (len(position), 0)),
+                                       int(r.get("draw", 0))))
     summary = summarise(models, rows)
     for (model, bench), group in _group(rows, ("model", "bench")).items():
         lines = []
