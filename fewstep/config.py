@@ -161,6 +161,25 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
             node = node.setdefault(key, {})
 
 
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys to leaf values (lists stay whole), as ``--set`` names them."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
+    """``{dotted key: [old, new]}`` for every leaf that differs (None where a side lacks it)."""
+    before, after = flatten(old), flatten(new)
+    return {k: [before.get(k), after.get(k)] for k in sorted(before.keys() | after.keys())
+            if before.get(k) != after.get(k)}
+
+
 def config_hash(config: BaseModel | dict) -> str:
     """Stable hash of a config's content (key order does not matter)."""
     payload = config.model_dump(mode="json") if isinstance(config, BaseModel) else config

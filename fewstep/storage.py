@@ -238,15 +238,22 @@ def publish_dir(local: str | os.PathLike, uri: str, options: StorageOptions | No
         os.replace(staging, target)
         shutil.rmtree(retired, ignore_errors=True)
         return
-    fs, path = resolve(uri, options)
-    path = path.rstrip("/")
     for name in markers:
         delete(join(uri, name), options)
     delete(uri, options, recursive=True)
+    upload_dir(local, uri, options, last=markers)
+
+
+def upload_dir(local: str | os.PathLike, uri: str, options: StorageOptions | None = None,
+               last: tuple[str, ...] = ()) -> None:
+    """Upload a local tree to S3, the top-level files named in ``last`` after everything else
+    (a reader that waits for them never sees a part of the tree)."""
+    local = Path(local)
+    fs, path = resolve(uri, options)
     files = sorted(p for p in local.rglob("*") if not p.is_dir())
-    last = [local / name for name in markers if (local / name) in files]
-    for file in [f for f in files if f not in last] + last:
-        fs.put_file(str(file), posixpath.join(path, file.relative_to(local).as_posix()))
+    tail = [local / name for name in last if (local / name) in files]
+    for file in [f for f in files if f not in tail] + tail:
+        fs.put_file(str(file), posixpath.join(path.rstrip("/"), file.relative_to(local).as_posix()))
 
 
 def download_dir(uri: str, local_dir: str | os.PathLike, options: StorageOptions | None = None) -> Path:

@@ -217,10 +217,7 @@ def publish_dir(local_dir: Path, out_uri: str, options: StorageOptions | None = 
     if storage.list_files(out_uri, options=options):  # as locally: never upload over another model
         shutil.rmtree(local_dir, ignore_errors=True)
         raise FileExistsError(f"{out_uri} exists and is not empty; choose a new directory")
-    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
-    files.sort(key=lambda p: p.name == "model_index.json")  # readers look for the index first
-    for file in files:
-        storage.upload_file_atomic(file, storage.join(out_uri, *file.relative_to(local_dir).parts), options)
+    storage.upload_dir(local_dir, out_uri, options, last=("model_index.json",))  # readers look for the index
     shutil.rmtree(local_dir, ignore_errors=True)
     return out_uri
 

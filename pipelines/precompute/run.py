@@ -19,6 +19,7 @@ from collections import Counter
 
 from fewstep import contract
 from fewstep import storage as stg
+from fewstep.config import changed_keys
 from fewstep.raysession import ray_session
 from fewstep.storage import StorageOptions
 from pipelines.precompute import encode, report, write
@@ -148,10 +149,9 @@ def _what_differs(record: dict, identity: dict | None) -> str:
     if not record or identity is None or "config_identity" not in record:
         return "the config, teacher or input differ"
     parts = []
-    old_cfg, new_cfg = record.get("config_identity") or {}, identity["config"]
-    keys = [k for k in sorted(old_cfg.keys() | new_cfg.keys()) if old_cfg.get(k) != new_cfg.get(k)]
-    if keys:
-        parts.append("config (" + ", ".join(f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in keys) + ")")
+    changed = changed_keys(record.get("config_identity") or {}, identity["config"])
+    if changed:
+        parts.append("config (" + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()) + ")")
     if (record.get("teacher") or {}).get("sha256") != identity["teacher"]:
         parts.append(f"teacher (was {(record.get('teacher') or {}).get('uri')})")
     if (record.get("input") or {}).get("content_sha256") != identity["input"]:

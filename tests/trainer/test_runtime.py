@@ -249,7 +249,7 @@ def test_a_restarted_worker_keeps_the_budget_the_run_was_launched_with(world, tm
     import time
 
     from trainer.runtime.config import TrainConfig
-    from trainer.runtime.launch import _launch_local, resolve_paths
+    from trainer.runtime.launch import _data_source, _launch_local, resolve_paths
     from trainer.runtime.loop import Payload
     from trainer.runtime.metrics import read_metrics
 
@@ -261,7 +261,7 @@ def test_a_restarted_worker_keeps_the_budget_the_run_was_launched_with(world, tm
     # As a worker group restarted 61 minutes into a 60-minute run sees it.
     payload = Payload(config=config.model_dump(mode="json"), run_uri=str(tmp_path / "late"),
                       storage=None, deadline=time.time() - 60)
-    result = _launch_local(config, payload)
+    result = _launch_local(config, payload, _data_source(config, None))
     assert result.metrics["step"] == 1
     assert [r["step"] for r in read_metrics(str(tmp_path / "late"))] == [1]
 

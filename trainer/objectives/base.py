@@ -287,9 +287,9 @@ class Objective(ABC):
         Every rank calls it; under ZeRO-3 forward passes here must be the same on every rank."""
         return {}
 
-    def log_due(self, step: int) -> bool:
-        """Whether ``step`` must be a log step whatever ``train.log_every`` says (a periodic check
-        ran there: its values would otherwise be filed under a later step, or replaced)."""
+    def log_due(self, state: TrainState) -> bool:
+        """Whether ``state.step`` must be a log step whatever ``train.log_every`` says (a periodic
+        check ran there: its values would otherwise be filed under a later step, or replaced)."""
         return False
 
     def closing_metrics(self, state: TrainState) -> dict[str, float]:

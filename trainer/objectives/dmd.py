@@ -43,6 +43,7 @@ from trainer.objectives.dmd_data import (
     load_empty_prompt,
 )
 from trainer.objectives.dmd_validation import Validator
+from trainer.runtime.collectives import gather_objects
 from trainer.runtime.data import union_totals
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,7 @@ log = logging.getLogger(__name__)
 
 def _gather_ready(tasks: list[str], world_size: int) -> list[set[str]]:
     """Every rank's list of tasks with a full batch buffered (all-gather; no-op on one process)."""
-    if world_size == 1 or not torch.distributed.is_initialized():
-        return [set(tasks)]
-    gathered: list[Any] = [None] * world_size
-    torch.distributed.all_gather_object(gathered, list(tasks))
-    return [set(g) for g in gathered]
+    return [set(g) for g in gather_objects(list(tasks), world_size)]
 
 
 def _saved_transformer(uri: str, storage) -> SavedModel:
@@ -78,6 +75,7 @@ class DMDObjective(Objective):
         self.table = config.table()
         self.active = self.table.active_teachers()
         self.teacher_names = [config.guidance.teachers[m].name for m in self.active]
+        self._restored_rows: dict[str, Any] = {}  # this rank's buffered rows from a checkpoint
 
     # ------------------------------------------------------------------ models
     def model_specs(self) -> list[ModelSpec]:
@@ -87,12 +85,14 @@ class DMDObjective(Objective):
         cfg, storage = self.cfg, self.env.storage
         base = cfg.base_uri()
         # Before any model is built: shards of another model fail here, by name.
-        check_shards_fit(PipelineDir(base, storage).read_json("transformer/config.json"), self.env.roots,
-                         storage, f"the student's base ({base})")
-        for m in self.active:  # every teacher reads the same latents and prompt embeddings
+        # The student's base and every teacher read the same latents and prompt embeddings.
+        models = {base: f"the student's base ({base})"}
+        for m in self.active:
             spec = cfg.guidance.teachers[m]
-            check_shards_fit(PipelineDir(spec.path, storage).read_json("transformer/config.json"),
-                             self.env.roots, storage, f"teacher {spec.name!r} ({spec.path})")
+            models.setdefault(spec.path, f"teacher {spec.name!r} ({spec.path})")
+        for uri, name in models.items():
+            check_shards_fit(PipelineDir(uri, storage).read_json("transformer/config.json"), self.env.roots,
+                             storage, name)
         student, fake = _saved_transformer(base, storage), _saved_transformer(base, storage)
         specs = [
             ModelSpec("student", student.load, True, cfg.student_optimizer, saved=student),
@@ -123,8 +123,6 @@ class DMDObjective(Objective):
                     f"objective.mixture.ratio serves {missing} but {', '.join(roots)} holds no such rows"
                     f"{kept} (rows per task: {by_task}); set its weight to 0, widen the data filter "
                     "or precompute such data")
-        self._max_steps = state.max_steps
-        self._restored_rows: dict[str, Any] = getattr(self, "_restored_rows", {})
         self.buffer: TaskBuffer | None = None
         self.mixer: MixtureScheduler | None = None
         self._restored: dict[str, Any] = {}
@@ -331,8 +329,8 @@ class DMDObjective(Objective):
         return M.flow_matching_loss(student_fn, latents, t0, eps, weight=mask)
 
     # ------------------------------------------------------------------ state and export
-    def log_due(self, step: int) -> bool:
-        return self.validator is not None and self.validator.due(step, self._max_steps)
+    def log_due(self, state: TrainState) -> bool:
+        return self.validator is not None and self.validator.due(state.step, state.max_steps)
 
     def initial_metrics(self, state: TrainState) -> dict[str, float]:
         """The student before training (= the base teacher at the student's NFE), as step 0."""

@@ -25,6 +25,7 @@ from pydantic import Field, field_validator
 from fewstep import storage
 from fewstep.config import StrictModel
 from trainer.evaluate.config import BenchName
+from trainer.runtime.collectives import gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +89,6 @@ def merge_scored(parts: list[list[tuple[int, str, str, float]]]) -> dict[str, fl
     return out
 
 
-def _gather(value: Any, world_size: int) -> list[Any]:
-    import torch.distributed as dist
-
-    if world_size == 1 or not dist.is_initialized():
-        return [value]
-    gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
 class Validator:
     def __init__(self, cfg: ValidationConfig, adapter, base_uri: str, env, num_steps: int, shift: float):
         from fewstep.models.adapter import QwenImageAdapter
@@ -151,11 +142,11 @@ class Validator:
                 images.append(image)
                 thumbs.append((position, case.category[:4], _thumbnail(image)))
         world = self.env.world_size
-        out = merge_scored(_gather(scored, world))
+        out = merge_scored(gather_objects(scored, world))
         # Collapse indicators of this rank's images; the runtime averages them over the ranks.
         if images:
             out.update({f"val_{k}": v for k, v in image_stats(images).items()})
-        all_thumbs = sorted((t for part in _gather(thumbs, world) for t in part), key=lambda t: t[0])
+        all_thumbs = sorted((t for part in gather_objects(thumbs, world) for t in part), key=lambda t: t[0])
         if state.rank == 0 and self.cfg.save_grids:
             grid = make_grid([t[2] for t in all_thumbs], [t[1] for t in all_thumbs], columns=8)
             buffer = io.BytesIO()

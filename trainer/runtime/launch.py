@@ -74,60 +74,53 @@ def _data_source(config: TrainConfig, options: StorageOptions | None) -> DataSou
     return open_source(config.data, cls.data_kind, cls.columns, options)
 
 
-def model_dirs(section: Any, where: str = "objective") -> Iterator[tuple[str, str]]:
-    """``(field, uri)`` of every pipeline directory an objective config will load: pretrained
-    inits (and their ``vae``), teachers, DMD's ``init_from``."""
+def _config_nodes(section: Any, where: str = "objective") -> Iterator[tuple[str, Any]]:
+    """Every field of a config tree with its dotted path (sections, list items and leaves)."""
     from pydantic import BaseModel
 
+    yield where, section
+    if isinstance(section, BaseModel):
+        for name in type(section).model_fields:
+            yield from _config_nodes(getattr(section, name), f"{where}.{name}")
+    elif isinstance(section, list | tuple):
+        for index, item in enumerate(section):
+            yield from _config_nodes(item, f"{where}.{index}")
+
+
+def model_dirs(objective_config: Any) -> Iterator[tuple[str, str]]:
+    """``(field, uri)`` of every pipeline directory an objective config will load: pretrained
+    inits (and their ``vae``), teachers, DMD's ``init_from``."""
     from trainer.guidance import TeacherSpec
     from trainer.teachers.init import InitConfig
 
-    if isinstance(section, InitConfig):
-        if section.source == "pretrained":
-            yield from ((f"{where}.{k}", v) for k in ("path", "vae") if (v := getattr(section, k)))
-        return
-    if isinstance(section, TeacherSpec):
-        yield f"{where}.path", section.path
-        return
-    if isinstance(section, BaseModel):
-        for name in type(section).model_fields:
-            value = getattr(section, name)
-            if name == "init_from" and isinstance(value, str):
-                yield f"{where}.{name}", value
-            else:
-                yield from model_dirs(value, f"{where}.{name}")
-    elif isinstance(section, list | tuple):
-        for index, item in enumerate(section):
-            yield from model_dirs(item, f"{where}.{index}")
+    for where, node in _config_nodes(objective_config):
+        if isinstance(node, InitConfig) and node.source == "pretrained":
+            yield from ((f"{where}.{k}", v) for k in ("path", "vae") if (v := getattr(node, k)))
+        elif isinstance(node, TeacherSpec):
+            yield f"{where}.path", node.path
+        elif where.endswith(".init_from") and isinstance(node, str):
+            yield where, node
 
 
-def check_inputs(config: TrainConfig, run_uri: str, options: StorageOptions | None) -> None:
+def check_inputs(config: TrainConfig, run_uri: str, options: StorageOptions | None) -> DataSource:
     """What a launch needs, checked before a run folder or Ray exists: the dataset, every model
-    directory, and a place for the run folder. Raises ConfigError, FileNotFoundError or
-    StorageError naming the field."""
-    _data_source(config, options)
+    directory, and a place for the run folder. Returns the opened dataset; raises ConfigError,
+    FileNotFoundError or StorageError naming the field."""
+    source = _data_source(config, options)
     check_model_dirs(config.objective_config(), options)
     storage.check_output_dir(run_uri, options, "run.runs_dir")
     _warn_about_schedules(config)
+    return source
 
 
 def _warn_about_schedules(config: TrainConfig) -> None:
     """A warm-up longer than the run never reaches the configured rate: say so before it runs."""
-    from pydantic import BaseModel
-
     from trainer.objectives.base import OptimizerConfig
 
-    def walk(section: Any, where: str) -> Iterator[tuple[str, OptimizerConfig]]:
-        if isinstance(section, OptimizerConfig):
-            yield where, section
-        elif isinstance(section, BaseModel):
-            for name in type(section).model_fields:
-                yield from walk(getattr(section, name), f"{where}.{name}")
-
-    for where, optimizer in walk(config.objective_config(), "objective"):
-        if optimizer.warmup_steps >= config.train.max_steps:
+    for where, node in _config_nodes(config.objective_config()):
+        if isinstance(node, OptimizerConfig) and node.warmup_steps >= config.train.max_steps:
             log.warning("%s.warmup_steps %d >= train.max_steps %d: the run may end before its learning "
-                        "rate reaches %.3g", where, optimizer.warmup_steps, config.train.max_steps, optimizer.lr)
+                        "rate reaches %.3g", where, node.warmup_steps, config.train.max_steps, node.lr)
 
 
 def check_model_dirs(objective_config: Any, options: StorageOptions | None) -> None:
@@ -160,7 +153,7 @@ def launch(config: TrainConfig, settings: Settings | None = None,
     options = options if options is not None else settings.storage_options()
     config = resolve_paths(config)
     run_uri = config.run_uri(settings.runs_dir)
-    check_inputs(config, run_uri, options)
+    source = check_inputs(config, run_uri, options)
     record_launch(config.model_dump(mode="json"), run_uri, storage.join(run_uri, CHECKPOINTS_NAME), options)
     ext_dir = str(settings.torch_extensions_dir) if settings.torch_extensions_dir else \
         os.environ.get("TORCH_EXTENSIONS_DIR")
@@ -171,8 +164,8 @@ def launch(config: TrainConfig, settings: Settings | None = None,
     log.info("run %s: %s launcher, objective %s, %d steps", run_uri, config.launcher,
              config.objective_name(), config.train.max_steps)
     if config.launcher == "local":
-        return _launch_local(config, payload)
-    return _launch_ray(config, payload, settings)
+        return _launch_local(config, payload, source)
+    return _launch_ray(config, payload, settings, source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,10 +174,9 @@ def launch(config: TrainConfig, settings: Settings | None = None,
 
 
 class LocalContext:
-    def __init__(self, config: TrainConfig, payload: Payload, device: torch.device):
+    def __init__(self, config: TrainConfig, payload: Payload, device: torch.device, source: DataSource):
         self.rank, self.world_size, self.device = 0, 1, device
         self.config = config
-        source = _data_source(config, payload.storage)
         self.reader = LocalReader(source, payload.storage)
         self.store = FolderStore(storage.join(payload.run_uri, CHECKPOINTS_NAME), payload.storage,
                                  config.train.keep_checkpoints, Path(tempfile.gettempdir()))
@@ -211,7 +203,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch_local(config: TrainConfig, payload: Payload) -> RunResult:
+def _launch_local(config: TrainConfig, payload: Payload, source: DataSource) -> RunResult:
     if payload.torch_extensions_dir:
         os.environ["TORCH_EXTENSIONS_DIR"] = payload.torch_extensions_dir
     device = _pick_device(config.device)
@@ -225,7 +217,7 @@ def _launch_local(config: TrainConfig, payload: Payload) -> RunResult:
         os.environ.setdefault("WORLD_SIZE", "1")
         torch.distributed.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
-    ctx = LocalContext(config, payload, device)
+    ctx = LocalContext(config, payload, device, source)
     metrics = run_worker(payload, ctx)
     return RunResult(run_uri=payload.run_uri, final_uri=metrics.get("final_uri"), metrics=metrics,
                      checkpoint_uri=storage.join(payload.run_uri, CHECKPOINTS_NAME))
@@ -283,14 +275,13 @@ def ray_worker_main(payload_dict: dict[str, Any]) -> None:
     run_worker(payload, RayContext(config))
 
 
-def _launch_ray(config: TrainConfig, payload: Payload, settings: Settings) -> RunResult:
+def _launch_ray(config: TrainConfig, payload: Payload, settings: Settings, source: DataSource) -> RunResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from fewstep.raysession import ray_init
 
     ray_init(settings.ray_address, settings.ray_num_cpus)
-    source = _data_source(config, payload.storage)
     dataset = ray_dataset(source, payload.storage,
                           shuffle_seed=config.train.seed if config.train.shuffle_buffer > 0 else None)
     fs, path = storage.pyarrow_filesystem(payload.run_uri, payload.storage)

@@ -26,6 +26,7 @@ from fewstep import storage
 from fewstep.storage import StorageOptions
 from trainer.objectives.base import ObjectiveEnv, TrainState, resolve_objective
 from trainer.runtime.checkpoint import Position, read_checkpoint, write_checkpoint
+from trainer.runtime.collectives import gather_objects
 from trainer.runtime.config import TrainConfig
 from trainer.runtime.engines import all_gathered, build_handles, compute_dtype
 from trainer.runtime.metrics import MetricsLog, Progress
@@ -67,8 +68,7 @@ def _reduce_metrics(values: dict[str, float], world_size: int) -> dict[str, floa
     """Mean of each metric over the ranks that reported it (ranks may report different keys)."""
     if world_size == 1 or not torch.distributed.is_initialized():
         return values
-    gathered: list[Any] = [None] * world_size
-    torch.distributed.all_gather_object(gathered, values)
+    gathered = gather_objects(values, world_size)
     keys = sorted({k for g in gathered for k in g})
     out = {}
     for key in keys:
@@ -241,7 +241,7 @@ def _run(config: TrainConfig, payload: Payload, ctx: WorkerContext, rank: int, w
             _crash_hook(config, rank, state.step)
 
             is_log = (state.step % train.log_every == 0 or state.step == train.max_steps
-                      or objective.log_due(state.step))
+                      or objective.log_due(state))
             # One process may stop at any step; several agree only at log steps (one all-reduce).
             is_log = is_log or (world == 1 and deadline is not None and time.monotonic() > deadline)
             is_ckpt = state.step % train.checkpoint_every == 0 or state.step == train.max_steps

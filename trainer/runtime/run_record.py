@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from fewstep import storage
-from fewstep.config import ConfigError
+from fewstep.config import ConfigError, changed_keys
 from fewstep.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -28,23 +28,9 @@ LAUNCHES_NAME = "launches.jsonl"
 _IGNORED = ("run.runs_dir", "train.progress")
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys to leaf values (lists stay whole), as ``--set`` names them."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
 def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
-    """``{key: [old, new]}`` for every setting that differs (None where a side lacks the key)."""
-    before, after = flatten(old), flatten(new)
-    return {k: [before.get(k), after.get(k)] for k in sorted(before.keys() | after.keys())
-            if before.get(k) != after.get(k) and not k.startswith(_IGNORED)}
+    """``{key: [old, new]}`` for every setting that differs, except where the shell was."""
+    return {k: v for k, v in changed_keys(old, new).items() if not k.startswith(_IGNORED)}
 
 
 def record_launch(config: dict[str, Any], run_uri: str, checkpoints_uri: str,
@@ -54,8 +40,8 @@ def record_launch(config: dict[str, Any], run_uri: str, checkpoints_uri: str,
     Raises ConfigError when the folder holds checkpoints of another objective.
     """
     config_uri = storage.join(run_uri, CONFIG_NAME)
-    resumes = any("/step-" in f or f.rsplit("/", 1)[-1].startswith("step-")
-                  for f in storage.list_files(checkpoints_uri, options=options))
+    # Checkpoint files live in <checkpoints>/step-<N>/ (both stores).
+    resumes = any("/step-" in f for f in storage.list_files(checkpoints_uri, options=options))
     changed: dict[str, list[Any]] = {}
     if storage.exists(config_uri, options):
         old = yaml.safe_load(storage.read_bytes(config_uri, options)) or {}
